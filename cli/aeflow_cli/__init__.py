@@ -1,0 +1,1 @@
+"""The ``aeflow-cli`` command-line application of monai-aeflow."""

@@ -1,0 +1,157 @@
+"""Saving and loading trained AE-FLOW models as plain state-dict files.
+
+A model file is a dict of tensors, strings and numbers saved with ``torch.save`` and always read back with
+``torch.load(..., weights_only=True)``, so a crafted file cannot execute code when it is opened::
+
+    {"format": "monai-aeflow/1",
+     "config": {"model": {...AEFlow kwargs...}, "preprocessing": {...}, "score": {...}, "training": {...}},
+     "network": state_dict,
+     "threshold": float | None,
+     "threshold_protocol": {...}}
+
+Training checkpoints written by the engine (``network``, ``optimizer``, ``trainer``, ``config``) load too.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monai_aeflow.errors import CheckpointError
+from monai_aeflow.networks.aeflow import AEFlow
+
+__all__ = ["FORMAT", "atomic_torch_save", "save_model", "read_checkpoint", "load_model"]
+
+FORMAT = "monai-aeflow/1"
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the destination folder, then rename it into place.
+
+    Args:
+        obj: what to save.
+        path: destination file.
+
+    Returns:
+        The destination path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_model(
+    network: AEFlow,
+    path: str | os.PathLike,
+    config: Mapping[str, Any] | None = None,
+    threshold: float | None = None,
+    threshold_protocol: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a self-contained model file (weights of encoder, flow and decoder plus the configuration).
+
+    Args:
+        network: the trained model.
+        path: destination ``.pt`` file (written atomically).
+        config: preprocessing, score and training settings to store next to ``network.hparams``.
+        threshold: a binarisation threshold of the anomaly map chosen on validation data, if any.
+        threshold_protocol: how the threshold was chosen.
+
+    Returns:
+        The path written.
+    """
+    cfg = dict(config or {})
+    cfg["model"] = dict(network.hparams)
+    record = {
+        "format": FORMAT,
+        "config": cfg,
+        "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+        "threshold": None if threshold is None else float(threshold),
+        "threshold_protocol": dict(threshold_protocol or {}),
+    }
+    return atomic_torch_save(record, path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a model file or training checkpoint safely (``weights_only=True``) and check its structure.
+
+    Args:
+        path: the ``.pt`` file.
+
+    Returns:
+        The checkpoint dict, with at least ``"network"`` and ``"config"`` (containing ``"model"``).
+
+    Raises:
+        CheckpointError: missing file, a pickle that is not a plain state dict, or a file of another model.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError("checkpoint not found", path=path)
+    if path.is_dir():
+        raise CheckpointError("is a folder, expected a checkpoint file (.pt)", path=path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            "not a plain state-dict checkpoint (it contains pickled objects, refused for safety)", path=path
+        ) from err
+    except Exception as err:  # truncated zip, not a torch file, ...
+        raise CheckpointError(f"unreadable checkpoint ({err.__class__.__name__})", path=path) from err
+    if not isinstance(ckpt, Mapping) or "network" not in ckpt:
+        raise CheckpointError("not a monai-aeflow checkpoint (no 'network' state dict)", path=path)
+    cfg = ckpt.get("config")
+    if not isinstance(cfg, Mapping) or not isinstance(cfg.get("model"), Mapping):
+        raise CheckpointError("not a monai-aeflow checkpoint (no model configuration stored)", path=path)
+    fmt = ckpt.get("format", FORMAT)
+    if fmt != FORMAT:
+        raise CheckpointError(f"unsupported checkpoint format {fmt!r} (expected {FORMAT!r})", path=path)
+    return dict(ckpt)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[AEFlow, dict[str, Any]]:
+    """Rebuild an :class:`AEFlow` from a checkpoint and load its weights.
+
+    Args:
+        path: a model file or a training checkpoint.
+        device: where to put the model.
+
+    Returns:
+        The model in ``eval()`` mode and the checkpoint dict (configuration, threshold, ...).
+
+    Raises:
+        CheckpointError: see :func:`read_checkpoint`; also when the weights do not fit the stored architecture.
+    """
+    ckpt = read_checkpoint(path)
+    hparams = dict(ckpt["config"]["model"])
+    try:
+        net = AEFlow(backbone_weights=None, **hparams)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"invalid model configuration in checkpoint: {err}", path=path) from err
+    state = ckpt["network"]
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights do not match an AE-FLOW {hparams.get('backbone')} model "
+            f"({len(missing)} missing, {len(unexpected)} unexpected keys)",
+            path=path,
+        )
+    bad = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+    if bad:
+        raise CheckpointError(f"weights do not match the stored architecture (shape of {bad[0]})", path=path)
+    net.load_state_dict(state)
+    return net.to(device).eval(), ckpt

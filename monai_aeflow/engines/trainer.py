@@ -1,0 +1,196 @@
+"""MONAI ``SupervisedTrainer`` / ``SupervisedEvaluator`` subclasses for AE-FLOW."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
+from torch.optim import Optimizer
+
+from monai_aeflow.losses import AEFlowLoss
+from monai_aeflow.networks.aeflow import AEFlow
+from monai_aeflow.scores import anomaly_map, flow_score, recon_score
+
+__all__ = ["AEFlowTrainer", "AEFlowEvaluator", "slice_labels", "OUTPUT_KEYS"]
+
+# keys of engine.state.output besides MONAI's image / label / pred / loss
+OUTPUT_KEYS = ("loss_flow", "loss_recon", "recon", "anomaly_map", "score_flow", "score_recon", "pixel_label")
+
+
+def slice_labels(label: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Image-level labels (1 = abnormal) from a batch's ``label`` entry.
+
+    Args:
+        label: a lesion mask (B, 1, H, W) (a slice is abnormal when any voxel is > 0), image-level labels
+            (B,) or (B, 1), or None (all normal).
+        batch_size: B.
+        device: device of the result.
+
+    Returns:
+        A float tensor of 0/1, shape (B,).
+    """
+    if label is None:
+        return torch.zeros(batch_size, device=device)
+    label = torch.as_tensor(label, device=device)
+    if label.ndim >= 3:
+        return (label.flatten(1) > 0).any(1).float()
+    return (label.reshape(batch_size, -1)[:, 0] > 0).float()
+
+
+def _to_device(x: Any, device: torch.device, non_blocking: bool, memory_format: torch.memory_format) -> Any:
+    if isinstance(x, torch.Tensor):
+        x = x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
+        x = x.to(device=device, non_blocking=non_blocking, dtype=torch.float32)
+        return x.contiguous(memory_format=memory_format) if x.ndim == 4 else x
+    return x
+
+
+class AEFlowTrainer(SupervisedTrainer):
+    """Trains the flow and the decoder of an :class:`AEFlow` on healthy images.
+
+    Each iteration reads ``batch["image"]`` (B, C, H, W) in [0, 1], runs the network, and minimises
+    :class:`AEFlowLoss`. ``engine.state.output`` holds ``image``, ``pred`` (the reconstruction), ``loss``,
+    ``loss_flow`` and ``loss_recon``; it is not decollated, so ``from_engine(["loss"])`` gives a scalar.
+    Every other argument is MONAI's ``SupervisedTrainer``'s (handlers, AMP, epoch length, ...).
+
+    Args:
+        device: where to train.
+        max_epochs: number of epochs.
+        train_data_loader: loader of healthy images.
+        network: the AE-FLOW model.
+        optimizer: optimiser over ``network.trainable_parameters()``.
+        loss_function: an :class:`AEFlowLoss` (default alpha 0.5, MSE).
+        channels_last: use the channels-last memory format (faster convolutions on CUDA).
+        kwargs: passed to ``SupervisedTrainer``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: AEFlow,
+        optimizer: Optimizer,
+        loss_function: Callable | None = None,
+        channels_last: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("decollate", False)
+        super().__init__(
+            device=torch.device(device),
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=loss_function if loss_function is not None else AEFlowLoss(),
+            **kwargs,
+        )
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def _iteration(self, engine: AEFlowTrainer, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        if batchdata is None:
+            raise ValueError("must provide batch data for current iteration.")
+        x = _to_device(batchdata[Keys.IMAGE], engine.state.device, engine.non_blocking, engine.memory_format)
+        engine.state.output = {Keys.IMAGE: x}
+
+        def _compute() -> None:
+            out = engine.network(x)
+            engine.state.output[Keys.PRED] = out.x_rec
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            losses = engine.loss_function(out, x)
+            engine.state.output[Keys.LOSS] = losses["loss"]
+            engine.state.output["loss_flow"] = losses["loss_flow"]
+            engine.state.output["loss_recon"] = losses["loss_recon"]
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        if engine.amp and engine.scaler is not None:
+            with torch.autocast("cuda", **engine.amp_kwargs):
+                _compute()
+            engine.scaler.scale(engine.state.output[Keys.LOSS]).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            _compute()
+            engine.state.output[Keys.LOSS].backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+        engine.state.output[Keys.LOSS] = engine.state.output[Keys.LOSS].detach()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class AEFlowEvaluator(SupervisedEvaluator):
+    """Scores a labelled validation split with the AE-FLOW image score and anomaly map.
+
+    ``engine.state.output`` holds ``image``, ``pred`` (image score, (B,)), ``label`` (0/1 per image, taken
+    from a lesion mask or an image-level label), ``recon``, ``anomaly_map``, ``score_flow``,
+    ``score_recon`` and ``pixel_label`` (the lesion mask when the batch has one). Attach MONAI's
+    ``ROCAUC`` handler with ``output_transform=from_engine(["pred", "label"])`` for slice-level AUROC.
+
+    Args:
+        device: where to evaluate.
+        val_data_loader: loader of labelled images.
+        network: the AE-FLOW model.
+        beta: weight of the flow score.
+        map_kind: ``"residual"``, ``"flow"`` or ``"ssim"``.
+        channels_last: use the channels-last memory format.
+        kwargs: passed to ``SupervisedEvaluator`` (``key_val_metric``, ``val_handlers``, ``amp``, ...).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        val_data_loader: Iterable,
+        network: AEFlow,
+        beta: float = 0.9,
+        map_kind: str = "residual",
+        channels_last: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("decollate", False)
+        super().__init__(
+            device=torch.device(device), val_data_loader=val_data_loader, network=network, **kwargs
+        )
+        self.beta = beta
+        self.map_kind = map_kind
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def _iteration(self, engine: AEFlowEvaluator, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        if batchdata is None:
+            raise ValueError("must provide batch data for current iteration.")
+        x = _to_device(batchdata[Keys.IMAGE], engine.state.device, engine.non_blocking, engine.memory_format)
+        raw_label = batchdata.get(Keys.LABEL)
+        y = slice_labels(raw_label, x.shape[0], x.device)
+        with engine.mode(engine.network):
+            if engine.amp:
+                with torch.autocast("cuda", **engine.amp_kwargs):
+                    out = engine.network(x)
+            else:
+                out = engine.network(x)
+            x_rec = out.x_rec.float()
+            s_flow = flow_score(out.z_prime)
+            s_recon = recon_score(x, x_rec)
+            amap = anomaly_map(out.z_prime, x, x_rec, engine.map_kind)
+        pixel_label = None
+        if isinstance(raw_label, torch.Tensor) and raw_label.ndim >= 3:
+            pixel_label = _to_device(raw_label, x.device, engine.non_blocking, torch.contiguous_format)
+        engine.state.output = {
+            Keys.IMAGE: x,
+            Keys.LABEL: y,
+            Keys.PRED: engine.beta * s_flow + (1.0 - engine.beta) * s_recon,
+            "score_flow": s_flow,
+            "score_recon": s_recon,
+            "recon": x_rec,
+            "anomaly_map": amap,
+            "pixel_label": pixel_label,
+        }
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output

@@ -1,0 +1,298 @@
+"""The AE-FLOW training workflow: MONAI engines, ignite handlers, TensorBoard, checkpoints and resume.
+
+This is the loop the bundles and ``aeflow-cli`` reuse::
+
+    net = AEFlow(backbone="resnet18")
+    trainer, evaluator = create_engines(net, train_loader, val_loader, TrainingConfig(output_dir="runs/a"))
+    trainer.run()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Events
+from monai.handlers import (
+    ROCAUC,
+    CheckpointLoader,
+    CheckpointSaver,
+    StatsHandler,
+    TensorBoardStatsHandler,
+    ValidationHandler,
+    from_engine,
+)
+from torch.utils.tensorboard import SummaryWriter
+
+from monai_aeflow.engines.handlers import (
+    ConfigState,
+    ImageGridHandler,
+    LearningRateLogger,
+    ModelExportHandler,
+    ValidationStatsHandler,
+)
+from monai_aeflow.engines.trainer import AEFlowEvaluator, AEFlowTrainer
+from monai_aeflow.errors import AEFlowInputError
+from monai_aeflow.losses import AEFlowLoss
+from monai_aeflow.networks.aeflow import AEFlow
+
+__all__ = ["TrainingConfig", "resolve_device", "create_engines", "train"]
+
+MODEL_FILE = "model.pt"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AEFlowInputError("CUDA was requested but no CUDA device is available; use --device cpu")
+    return dev
+
+
+@dataclass
+class TrainingConfig:
+    """Settings of an AE-FLOW training run (defaults follow the AE-FLOW paper).
+
+    Args:
+        output_dir: where checkpoints, ``model.pt`` and TensorBoard logs go.
+        max_epochs: epochs (100 in the paper).
+        lr: Adam learning rate (2e-4 in the paper).
+        weight_decay: Adam weight decay (1e-5 in the paper).
+        alpha: flow weight of the loss.
+        beta: flow weight of the image score.
+        recon_loss: ``"mse"`` or ``"ssim"``.
+        map_kind: pixel map used in validation and stored as the model's default.
+        val_interval: validate every this many epochs.
+        amp: mixed precision (CUDA only).
+        channels_last: channels-last memory format (CUDA only).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        resume: a training checkpoint to resume from (network, optimiser and epoch counter).
+        epoch_length: iterations per epoch (default: the loader's length).
+        grid_images: rows of the TensorBoard image grid.
+        progress: show a progress bar.
+        checkpoint_every: save a resumable checkpoint every this many epochs.
+        seed: seed of ``torch`` before the run.
+        preprocessing: the preprocessing configuration, stored in the model file for inference.
+    """
+
+    output_dir: str = "runs/aeflow"
+    max_epochs: int = 100
+    lr: float = 2e-4
+    weight_decay: float = 1e-5
+    alpha: float = 0.5
+    beta: float = 0.9
+    recon_loss: str = "mse"
+    map_kind: str = "residual"
+    val_interval: int = 1
+    amp: bool = False
+    channels_last: bool = False
+    device: str = "auto"
+    resume: str | None = None
+    epoch_length: int | None = None
+    grid_images: int = 8
+    progress: bool = True
+    checkpoint_every: int = 1
+    seed: int = 0
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+
+    def model_config(self) -> dict[str, Any]:
+        """The configuration stored with the trained model (everything but the network's own arguments)."""
+        training = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("preprocessing",)}
+        return {
+            "preprocessing": dict(self.preprocessing),
+            "score": {"beta": self.beta, "map_kind": self.map_kind, "ssim_window": 11, "data_range": 1.0},
+            "training": training,
+        }
+
+
+def create_engines(
+    network: AEFlow,
+    train_loader: Iterable,
+    val_loader: Iterable | None,
+    config: TrainingConfig,
+) -> tuple[AEFlowTrainer, AEFlowEvaluator | None]:
+    """Build the trainer and the validation evaluator with all handlers attached.
+
+    Handlers: console and TensorBoard losses (``loss``, ``loss_flow``, ``loss_recon``), learning rate,
+    validation AUROC (MONAI ``ROCAUC`` on slice labels, the key metric) plus flow-only / recon-only
+    AUROC and pixel AUROC, a TensorBoard image grid per validation, a resumable checkpoint
+    (``checkpoint_*.pt``: network, optimiser, trainer, configuration) every ``checkpoint_every`` epochs,
+    and ``model.pt`` (see :mod:`monai_aeflow.checkpoint`) whenever the validation AUROC improves, or at
+    the end when there is no validation split.
+
+    Args:
+        network: the model (flow and decoder are trained).
+        train_loader: loader of healthy images (dicts with ``image``).
+        val_loader: loader of labelled images (``image`` and ``label``: lesion mask or image label), or None.
+        config: run settings.
+
+    Returns:
+        ``(trainer, evaluator)``; call ``trainer.run()``.
+    """
+    device = resolve_device(config.device)
+    out_dir = Path(config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    network = network.to(device)
+    cuda = device.type == "cuda"
+    channels_last = config.channels_last and cuda
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    amp = config.amp and cuda
+    optimizer = torch.optim.Adam(
+        network.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+    model_cfg = config.model_config()
+    model_path = out_dir / MODEL_FILE
+
+    trainer = AEFlowTrainer(
+        device=device,
+        max_epochs=config.max_epochs,
+        train_data_loader=train_loader,
+        network=network,
+        optimizer=optimizer,
+        loss_function=AEFlowLoss(config.alpha, config.recon_loss),
+        epoch_length=config.epoch_length,
+        amp=amp,
+        channels_last=channels_last,
+    )
+    loss_transform = from_engine(["loss", "loss_flow", "loss_recon"])
+
+    def _losses(output: Mapping[str, Any]) -> dict[str, float]:
+        return dict(
+            zip(("train/loss", "train/loss_flow", "train/loss_recon"), loss_transform(output), strict=True)
+        )
+
+    TensorBoardStatsHandler(summary_writer=writer, output_transform=_losses, epoch_log=False).attach(trainer)
+    StatsHandler(
+        name="monai_aeflow.train", output_transform=from_engine(["loss"], first=True), iteration_log=False
+    ).attach(trainer)
+    LearningRateLogger(writer, optimizer).attach(trainer)
+
+    evaluator = None
+    if val_loader is not None:
+        evaluator = AEFlowEvaluator(
+            device=device,
+            val_data_loader=val_loader,
+            network=network,
+            beta=config.beta,
+            map_kind=config.map_kind,
+            amp=amp,
+            channels_last=channels_last,
+            key_val_metric={"val_auroc": ROCAUC(output_transform=from_engine(["pred", "label"]))},
+        )
+        ValidationStatsHandler().attach(evaluator)
+        TensorBoardStatsHandler(
+            summary_writer=writer,
+            iteration_log=False,
+            output_transform=lambda x: None,
+            global_epoch_transform=lambda _: trainer.state.epoch,
+        ).attach(evaluator)
+        StatsHandler(
+            name="monai_aeflow.validate",
+            iteration_log=False,
+            output_transform=lambda x: None,
+            global_epoch_transform=lambda _: trainer.state.epoch,
+        ).attach(evaluator)
+        ImageGridHandler(
+            writer, config.grid_images, global_step_transform=lambda _: trainer.state.epoch
+        ).attach(evaluator)
+        ModelExportHandler(network, model_path, model_cfg, trainer=trainer).attach(evaluator)
+        ValidationHandler(validator=evaluator, interval=config.val_interval, epoch_level=True).attach(trainer)
+
+        @trainer.on(Events.COMPLETED)
+        def _final_export_if_never_validated(engine: AEFlowTrainer) -> None:
+            if not model_path.exists():
+                ModelExportHandler(network, model_path, model_cfg)._save(engine)
+
+    else:
+        ModelExportHandler(network, model_path, model_cfg).attach(trainer, on_improvement=False)
+
+    config_state = ConfigState({**model_cfg, "model": dict(network.hparams)})
+    save_dict = {"network": network, "optimizer": optimizer, "trainer": trainer, "config": config_state}
+    CheckpointSaver(
+        save_dir=str(out_dir),
+        save_dict=save_dict,
+        file_prefix="",
+        save_interval=config.checkpoint_every,
+        epoch_level=True,
+        n_saved=1,
+        save_final=True,
+    ).attach(trainer)
+    if config.resume:
+        resume = Path(config.resume)
+        if not resume.is_file():
+            raise AEFlowInputError("checkpoint to resume from not found", path=resume)
+        CheckpointLoader(
+            load_path=str(resume),
+            load_dict={"network": network, "optimizer": optimizer, "trainer": trainer},
+            map_location=device,
+        ).attach(trainer)
+    if config.progress:
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(persist=False, desc="train").attach(
+            trainer, output_transform=lambda out: {"loss": float(out["loss"])}
+        )
+
+    @trainer.on(Events.COMPLETED)
+    def _close_writer(_: AEFlowTrainer) -> None:
+        writer.flush()
+        writer.close()
+
+    trainer.summary_writer = writer
+    trainer.model_path = model_path
+    return trainer, evaluator
+
+
+def train(
+    network: AEFlow,
+    train_loader: Iterable,
+    val_loader: Iterable | None,
+    config: TrainingConfig,
+) -> dict[str, Any]:
+    """Train AE-FLOW and return a summary.
+
+    Args:
+        network: the model.
+        train_loader: loader of healthy images.
+        val_loader: loader of labelled validation images, or None.
+        config: run settings.
+
+    Returns:
+        ``{"model_path", "epochs", "iterations", "seconds", "images_per_second", "best_val_auroc",
+        "best_epoch", "metrics"}``.
+    """
+    trainer, evaluator = create_engines(network, train_loader, val_loader, config)
+    counted = {"images": 0}
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _count(engine: AEFlowTrainer) -> None:
+        counted["images"] += int(engine.state.output["image"].shape[0])
+
+    logging.getLogger("monai_aeflow").debug("training in %s", os.fspath(config.output_dir))
+    start = time.perf_counter()
+    trainer.run()
+    seconds = time.perf_counter() - start
+    summary: dict[str, Any] = {
+        "model_path": str(trainer.model_path),
+        "epochs": int(trainer.state.epoch),
+        "iterations": int(trainer.state.iteration),
+        "seconds": seconds,
+        "images_per_second": counted["images"] / max(seconds, 1e-9),
+    }
+    if evaluator is not None:
+        summary["best_val_auroc"] = float(evaluator.state.best_metric)
+        summary["best_epoch"] = int(evaluator.state.best_metric_epoch)
+        summary["metrics"] = {k: float(v) for k, v in evaluator.state.metrics.items()}
+    return summary

@@ -1,0 +1,265 @@
+"""ResNet feature extractors truncated after ``layer3``, with torchvision-compatible state-dict keys.
+
+torchvision cannot be a dependency of this package (its wheels pin a CUDA build of torch), so the
+two backbones AE-FLOW uses are defined here. Their parameter names match torchvision's ``resnet18``
+and ``wide_resnet50_2``, so torchvision's published ImageNet checkpoints load directly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from monai_aeflow.errors import CheckpointError
+
+__all__ = [
+    "BACKBONES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ResNetFeatureExtractor",
+    "FeatureEncoder",
+    "load_backbone_weights",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# name -> (block type, blocks per stage, width per group, torchvision's ImageNet checkpoint URL)
+BACKBONES: dict[str, dict] = {
+    "wide_resnet50_2": {
+        "block": "bottleneck",
+        "layers": (3, 4, 6),
+        "width_per_group": 128,
+        "url": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
+    },
+    "resnet18": {
+        "block": "basic",
+        "layers": (2, 2, 2),
+        "width_per_group": 64,
+        "url": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    },
+}
+
+
+class _BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, width_per_group: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class _Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, width_per_group: int = 64) -> None:
+        super().__init__()
+        width = int(planes * (width_per_group / 64.0))
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or inplanes != planes * self.expansion:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes * self.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * self.expansion),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNetFeatureExtractor(nn.Module):
+    """A torchvision-style ResNet that stops after ``layer3`` (output stride 16).
+
+    Args:
+        name: ``"wide_resnet50_2"`` (1024 output channels, the AE-FLOW paper's encoder) or
+            ``"resnet18"`` (256 output channels, light enough for CPU training).
+
+    Example::
+
+        net = ResNetFeatureExtractor("resnet18")
+        feats = net(torch.rand(2, 3, 128, 128))  # (2, 256, 8, 8)
+    """
+
+    def __init__(self, name: str = "wide_resnet50_2") -> None:
+        super().__init__()
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+        spec = BACKBONES[name]
+        block = _Bottleneck if spec["block"] == "bottleneck" else _BasicBlock
+        self.name = name
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inplanes = 64
+        stages = []
+        for planes, n_blocks, stride in zip((64, 128, 256), spec["layers"], (1, 2, 2), strict=True):
+            blocks = []
+            for i in range(n_blocks):
+                blocks.append(block(inplanes, planes, stride if i == 0 else 1, spec["width_per_group"]))
+                inplanes = planes * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.out_channels = inplanes
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # torchvision's initialisation, so that random weights behave like an untrained torchvision model
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+
+def load_backbone_weights(
+    model: ResNetFeatureExtractor, weights: str | os.PathLike | Mapping[str, torch.Tensor]
+) -> ResNetFeatureExtractor:
+    """Load ImageNet weights into a truncated ResNet.
+
+    Args:
+        model: the feature extractor to fill.
+        weights: ``"imagenet"`` downloads torchvision's published checkpoint with
+            ``torch.hub.load_state_dict_from_url`` (cached under ``$TORCH_HOME``); a path loads a local
+            torchvision state-dict file (``weights_only=True``); a mapping is used as the state dict.
+            Keys of ``layer4`` and ``fc`` are ignored; any missing key is an error.
+
+    Returns:
+        The same model, with weights loaded.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable, the download failed, or keys are missing.
+    """
+    url = BACKBONES[model.name]["url"]
+    source: str
+    if isinstance(weights, Mapping):
+        state, source = dict(weights), "the given state dict"
+    elif str(weights) == "imagenet":
+        source = url
+        try:
+            state = torch.hub.load_state_dict_from_url(
+                url, map_location="cpu", progress=True, weights_only=True
+            )
+        except Exception as err:  # network errors come in many types (URLError, socket errors, ...)
+            raise CheckpointError(
+                f"could not download the ImageNet weights of {model.name} from {url} ({err.__class__.__name__}: "
+                f"{err}). Without internet, download that file elsewhere and pass its local path as "
+                f"weights=<path/to/{url.rsplit('/', 1)[-1]}> (CLI: --backbone-weights PATH), "
+                "or place it in the torch.hub cache folder "
+                f"({os.path.join(torch.hub.get_dir(), 'checkpoints')})."
+            ) from err
+    else:
+        path = Path(weights)
+        source = str(path)
+        if not path.is_file():
+            raise CheckpointError(
+                f"backbone weights file not found; expected torchvision's {model.name} state dict ({url})",
+                path=path,
+            )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(
+                f"not a plain state-dict file ({err.__class__.__name__})", path=path
+            ) from err
+        if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+            state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"expected a state dict of tensors, got {type(state).__name__}", path=source)
+    own = model.state_dict()
+    filtered = {k: v for k, v in state.items() if k in own}
+    missing = sorted(set(own) - set(filtered))
+    if missing:
+        raise CheckpointError(
+            f"not {model.name} weights: {len(missing)} keys missing (e.g. {missing[:3]})", path=source
+        )
+    bad = [k for k, v in filtered.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise CheckpointError(f"not {model.name} weights: shape mismatch for {bad[:3]}", path=source)
+    model.load_state_dict(filtered, strict=True)
+    return model
+
+
+class FeatureEncoder(nn.Module):
+    """The AE-FLOW encoder: channel repetition, ImageNet normalisation and a truncated ResNet.
+
+    A single-channel input in [0, 1] is repeated to three channels; ImageNet mean and standard deviation
+    are applied inside the module. When ``trainable`` is False (the default) the parameters are frozen and
+    the module stays in ``eval()`` mode even when its parent is put in training mode, so that BatchNorm
+    running statistics never change.
+
+    Args:
+        backbone: ``"wide_resnet50_2"`` or ``"resnet18"``.
+        weights: ``"imagenet"``, a path to a torchvision state-dict file, or None for random weights.
+        in_channels: 1 or 3 input channels.
+        trainable: fine-tune the encoder (then BatchNorm follows the usual train/eval switching).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        weights: str | os.PathLike | None = "imagenet",
+        in_channels: int = 1,
+        trainable: bool = False,
+    ) -> None:
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+        self.in_channels = in_channels
+        self.trainable = trainable
+        self.net = ResNetFeatureExtractor(backbone)
+        if weights is not None:
+            load_backbone_weights(self.net, weights)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        if not trainable:
+            for p in self.net.parameters():
+                p.requires_grad_(False)
+            self.net.eval()
+
+    @property
+    def out_channels(self) -> int:
+        return self.net.out_channels
+
+    def train(self, mode: bool = True) -> FeatureEncoder:
+        super().train(mode and self.trainable)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.net((x - self.mean) / self.std)

@@ -1,0 +1,182 @@
+"""AE-FLOW anomaly scores and pixel-level anomaly maps.
+
+Image score: ``S = beta * S_flow + (1 - beta) * S_recon`` with ``S_flow = -exp(mean_d log N(z'_d; 0, 1))``
+(the negative per-dimension density: bounded in [-(2 pi)^-1/2, 0] and never underflowing) and
+``S_recon = -SSIM(x, x')`` (Gaussian window 11, sigma 1.5, data range fixed to 1). Higher is more anomalous.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from monai.metrics.regression import KernelType, compute_ssim_and_cs
+
+__all__ = [
+    "MAP_KINDS",
+    "ssim",
+    "ssim_map",
+    "flow_score",
+    "recon_score",
+    "image_score",
+    "residual_map",
+    "flow_map",
+    "ssim_anomaly_map",
+    "anomaly_map",
+]
+
+MAP_KINDS = ("residual", "flow", "ssim")
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _ssim_full(
+    x: torch.Tensor, y: torch.Tensor, win_size: int, sigma: float, data_range: float
+) -> torch.Tensor:
+    return compute_ssim_and_cs(
+        y_pred=x.float(),
+        y=y.float(),
+        spatial_dims=x.ndim - 2,
+        kernel_size=[win_size] * (x.ndim - 2),
+        kernel_sigma=[sigma] * (x.ndim - 2),
+        data_range=data_range,
+        kernel_type=KernelType.GAUSSIAN,
+        k1=0.01,
+        k2=0.03,
+    )[0]
+
+
+def ssim(
+    x: torch.Tensor, y: torch.Tensor, win_size: int = 11, sigma: float = 1.5, data_range: float = 1.0
+) -> torch.Tensor:
+    """Mean structural similarity of each image pair (Gaussian window, no padding).
+
+    The mean is over all valid window positions and channels, as in Wang et al. (2004) and
+    ``skimage.metrics.structural_similarity(gaussian_weights=True, use_sample_covariance=False)``.
+
+    Args:
+        x: images (B, C, H, W).
+        y: images of the same shape.
+        win_size: window size (11 in the AE-FLOW paper).
+        sigma: Gaussian standard deviation of the window.
+        data_range: dynamic range, fixed to 1 for images in [0, 1] (never estimated from the data).
+
+    Returns:
+        SSIM per image, shape (B,).
+    """
+    return _ssim_full(x, y, win_size, sigma, data_range).flatten(1).mean(1)
+
+
+def ssim_map(
+    x: torch.Tensor, y: torch.Tensor, win_size: int = 11, sigma: float = 1.5, data_range: float = 1.0
+) -> torch.Tensor:
+    """Local SSIM at every pixel, averaged over channels.
+
+    The border is padded symmetrically (edge sample repeated, as ``scipy.ndimage``'s ``"reflect"``), so the
+    map equals ``skimage.metrics.structural_similarity(..., full=True)`` with Gaussian weights.
+
+    Args:
+        x: images (B, C, H, W).
+        y: images of the same shape.
+        win_size: window size.
+        sigma: Gaussian standard deviation of the window.
+        data_range: dynamic range of the images.
+
+    Returns:
+        The SSIM map, shape (B, 1, H, W).
+    """
+    pad = win_size // 2
+    xp = _pad_symmetric(x.float(), pad)
+    yp = _pad_symmetric(y.float(), pad)
+    return _ssim_full(xp, yp, win_size, sigma, data_range).mean(1, keepdim=True)
+
+
+def _pad_symmetric(x: torch.Tensor, pad: int) -> torch.Tensor:
+    if pad > min(x.shape[-2:]):
+        raise ValueError(f"image of size {tuple(x.shape[-2:])} is smaller than the SSIM window padding {pad}")
+    x = torch.cat([x[..., :pad, :].flip(-2), x, x[..., -pad:, :].flip(-2)], dim=-2)
+    return torch.cat([x[..., :pad].flip(-1), x, x[..., -pad:].flip(-1)], dim=-1)
+
+
+def _mean_log_density(z_prime: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+    return (-0.5 * z_prime.float().pow(2) - 0.5 * _LOG_2PI).mean(dim)
+
+
+def flow_score(z_prime: torch.Tensor) -> torch.Tensor:
+    """``S_flow = -exp(mean_d log N(z'_d; 0, 1))`` per image, shape (B,)."""
+    return -torch.exp(_mean_log_density(z_prime, dim=tuple(range(1, z_prime.ndim))))
+
+
+def recon_score(x: torch.Tensor, x_rec: torch.Tensor, win_size: int = 11) -> torch.Tensor:
+    """``S_recon = -SSIM(x, x')`` per image with data range 1, shape (B,)."""
+    return -ssim(x_rec, x, win_size=win_size)
+
+
+def image_score(
+    z_prime: torch.Tensor,
+    x: torch.Tensor,
+    x_rec: torch.Tensor,
+    beta: float = 0.9,
+    calibration: Mapping[str, float] | None = None,
+) -> torch.Tensor:
+    """The AE-FLOW image-level anomaly score ``beta * S_flow + (1 - beta) * S_recon``.
+
+    Args:
+        z_prime: flow output (B, C, h, w).
+        x: input images (B, C, H, W) in [0, 1].
+        x_rec: reconstructions of the same shape.
+        beta: weight of the flow score (0.9 in the paper).
+        calibration: optional ``{"flow_mean", "flow_std", "recon_mean", "recon_std"}`` measured on healthy
+            validation images; each term is then standardised before weighting. None (default) keeps the
+            paper's raw combination.
+
+    Returns:
+        The score per image, shape (B,); higher is more anomalous.
+    """
+    s_flow = flow_score(z_prime)
+    s_recon = recon_score(x, x_rec)
+    if calibration is not None:
+        s_flow = (s_flow - calibration["flow_mean"]) / max(calibration["flow_std"], 1e-12)
+        s_recon = (s_recon - calibration["recon_mean"]) / max(calibration["recon_std"], 1e-12)
+    return beta * s_flow + (1.0 - beta) * s_recon
+
+
+def residual_map(x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
+    """``|x - x'|`` averaged over channels, shape (B, 1, H, W) (the paper's default pixel map)."""
+    return (x.float() - x_rec.float()).abs().mean(1, keepdim=True)
+
+
+def flow_map(z_prime: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Per-location negative density ``-exp(mean_c log N(z'_c))``, bilinearly upsampled to ``size``."""
+    local = -torch.exp(_mean_log_density(z_prime, dim=1)).unsqueeze(1)
+    return F.interpolate(local, size=size, mode="bilinear", align_corners=False)
+
+
+def ssim_anomaly_map(x: torch.Tensor, x_rec: torch.Tensor, win_size: int = 11) -> torch.Tensor:
+    """``1 - SSIM`` at every pixel, shape (B, 1, H, W)."""
+    return 1.0 - ssim_map(x_rec, x, win_size=win_size)
+
+
+def anomaly_map(
+    z_prime: torch.Tensor, x: torch.Tensor, x_rec: torch.Tensor, kind: str = "residual"
+) -> torch.Tensor:
+    """Pixel-level anomaly map of the chosen kind.
+
+    Args:
+        z_prime: flow output (B, C, h, w).
+        x: input images (B, C, H, W).
+        x_rec: reconstructions.
+        kind: ``"residual"`` (|x - x'|, default), ``"flow"`` (upsampled per-location flow density) or
+            ``"ssim"`` (1 - SSIM map).
+
+    Returns:
+        The map, shape (B, 1, H, W); higher is more anomalous.
+    """
+    if kind == "residual":
+        return residual_map(x, x_rec)
+    if kind == "flow":
+        return flow_map(z_prime, tuple(x.shape[-2:]))
+    if kind == "ssim":
+        return ssim_anomaly_map(x, x_rec)
+    raise ValueError(f"unknown anomaly map kind {kind!r}; choose one of {MAP_KINDS}")

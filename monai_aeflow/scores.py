@@ -31,9 +31,7 @@ MAP_KINDS = ("residual", "flow", "ssim")
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-def _ssim_full(
-    x: torch.Tensor, y: torch.Tensor, win_size: int, sigma: float, data_range: float
-) -> torch.Tensor:
+def _ssim_full(x: torch.Tensor, y: torch.Tensor, win_size: int, sigma: float, data_range: float) -> torch.Tensor:
     return compute_ssim_and_cs(
         y_pred=x.float(),
         y=y.float(),
@@ -158,9 +156,7 @@ def ssim_anomaly_map(x: torch.Tensor, x_rec: torch.Tensor, win_size: int = 11) -
     return 1.0 - ssim_map(x_rec, x, win_size=win_size)
 
 
-def anomaly_map(
-    z_prime: torch.Tensor, x: torch.Tensor, x_rec: torch.Tensor, kind: str = "residual"
-) -> torch.Tensor:
+def anomaly_map(z_prime: torch.Tensor, x: torch.Tensor, x_rec: torch.Tensor, kind: str = "residual") -> torch.Tensor:
     """Pixel-level anomaly map of the chosen kind.
 
     Args:

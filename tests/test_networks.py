@@ -25,9 +25,7 @@ def _n_params(m: torch.nn.Module) -> int:
 # torchvision's published totals (resnet18: 11,689,512; wide_resnet50_2: 68,883,240) minus layer4 and fc,
 # counted by hand from the architectures: resnet18 layer4 8,393,728 + fc 513,000;
 # wide_resnet50_2 layer4 41,971,712 + fc 2,049,000.
-@pytest.mark.parametrize(
-    "name,params,channels", [("resnet18", 2_782_784, 256), ("wide_resnet50_2", 24_862_528, 1024)]
-)
+@pytest.mark.parametrize("name,params,channels", [("resnet18", 2_782_784, 256), ("wide_resnet50_2", 24_862_528, 1024)])
 def test_backbone_matches_torchvision_architecture(name, params, channels):
     net = ResNetFeatureExtractor(name)
     assert _n_params(net) == params

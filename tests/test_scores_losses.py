@@ -67,9 +67,7 @@ def test_ssim_matches_scikit_image(pair):
 def test_ssim_matches_monai_metric_and_multichannel():
     a = torch.rand(2, 3, 40, 40)
     b = (a + 0.1 * torch.randn_like(a)).clamp(0, 1)
-    ref = SSIMMetric(spatial_dims=2, data_range=1.0, kernel_type="gaussian", win_size=11, kernel_sigma=1.5)(
-        a, b
-    )
+    ref = SSIMMetric(spatial_dims=2, data_range=1.0, kernel_type="gaussian", win_size=11, kernel_sigma=1.5)(a, b)
     assert torch.allclose(ssim(a, b), ref.flatten(), atol=1e-5)
     sk = [
         structural_similarity(

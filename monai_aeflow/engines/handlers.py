@@ -157,9 +157,7 @@ class ImageGridHandler:
         rec = out["recon"].detach().float().cpu().mean(1, keepdim=True)
         amap = out["anomaly_map"].detach().float().cpu()
         truth = out.get("pixel_label")
-        truth = (
-            torch.zeros_like(x) if truth is None else (truth.detach().float().cpu() > 0).any(1, True).float()
-        )
+        truth = torch.zeros_like(x) if truth is None else (truth.detach().float().cpu() > 0).any(1, True).float()
         for i in range(x.shape[0]):
             row = torch.stack([x[i], rec[i], amap[i], truth[i]])  # (4, 1, H, W)
             target = self.abnormal if out["label"][i] > 0 else self.normal
@@ -246,8 +244,6 @@ class ModelExportHandler:
             score["calibration"] = calibration
         cfg["score"] = score
         training = dict(cfg.get("training", {}))
-        training.update(
-            {"epoch": int(epoch if epoch is not None else engine.state.epoch), "metrics": metrics}
-        )
+        training.update({"epoch": int(epoch if epoch is not None else engine.state.epoch), "metrics": metrics})
         cfg["training"] = training
         save_model(self.network, self.path, cfg)

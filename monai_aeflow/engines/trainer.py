@@ -155,9 +155,7 @@ class AEFlowEvaluator(SupervisedEvaluator):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("decollate", False)
-        super().__init__(
-            device=torch.device(device), val_data_loader=val_data_loader, network=network, **kwargs
-        )
+        super().__init__(device=torch.device(device), val_data_loader=val_data_loader, network=network, **kwargs)
         self.beta = beta
         self.map_kind = map_kind
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -148,9 +148,7 @@ def create_engines(
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
     amp = config.amp and cuda
-    optimizer = torch.optim.Adam(
-        network.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
+    optimizer = torch.optim.Adam(network.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
     writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
     model_cfg = config.model_config()
     model_path = out_dir / MODEL_FILE
@@ -169,9 +167,7 @@ def create_engines(
     loss_transform = from_engine(["loss", "loss_flow", "loss_recon"])
 
     def _losses(output: Mapping[str, Any]) -> dict[str, float]:
-        return dict(
-            zip(("train/loss", "train/loss_flow", "train/loss_recon"), loss_transform(output), strict=True)
-        )
+        return dict(zip(("train/loss", "train/loss_flow", "train/loss_recon"), loss_transform(output), strict=True))
 
     TensorBoardStatsHandler(summary_writer=writer, output_transform=_losses, epoch_log=False).attach(trainer)
     StatsHandler(
@@ -204,9 +200,9 @@ def create_engines(
             output_transform=lambda x: None,
             global_epoch_transform=lambda _: trainer.state.epoch,
         ).attach(evaluator)
-        ImageGridHandler(
-            writer, config.grid_images, global_step_transform=lambda _: trainer.state.epoch
-        ).attach(evaluator)
+        ImageGridHandler(writer, config.grid_images, global_step_transform=lambda _: trainer.state.epoch).attach(
+            evaluator
+        )
         ModelExportHandler(network, model_path, model_cfg, trainer=trainer).attach(evaluator)
         ValidationHandler(validator=evaluator, interval=config.val_interval, epoch_level=True).attach(trainer)
 

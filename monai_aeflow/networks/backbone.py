@@ -57,9 +57,7 @@ class _BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample: nn.Module | None = None
         if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -171,9 +169,7 @@ def load_backbone_weights(
     elif str(weights) == "imagenet":
         source = url
         try:
-            state = torch.hub.load_state_dict_from_url(
-                url, map_location="cpu", progress=True, weights_only=True
-            )
+            state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, weights_only=True)
         except Exception as err:  # network errors come in many types (URLError, socket errors, ...)
             raise CheckpointError(
                 f"could not download the ImageNet weights of {model.name} from {url} ({err.__class__.__name__}: "
@@ -193,9 +189,7 @@ def load_backbone_weights(
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise CheckpointError(
-                f"not a plain state-dict file ({err.__class__.__name__})", path=path
-            ) from err
+            raise CheckpointError(f"not a plain state-dict file ({err.__class__.__name__})", path=path) from err
         if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
             state = state["state_dict"]
     if not isinstance(state, Mapping):

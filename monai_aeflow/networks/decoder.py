@@ -28,9 +28,7 @@ class AEFlowDecoder(nn.Module):
         x_rec = dec(torch.randn(2, 256, 8, 8))  # (2, 1, 128, 128)
     """
 
-    def __init__(
-        self, in_channels: int, out_channels: int = 1, channels: Sequence[int] | None = None
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int = 1, channels: Sequence[int] | None = None) -> None:
         super().__init__()
         widths = list(channels) if channels is not None else [in_channels // 2, in_channels // 4, 64]
         if len(widths) != 3:

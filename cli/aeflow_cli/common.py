@@ -1,0 +1,41 @@
+"""Helpers shared by the ``aeflow-cli`` sub-commands: user errors become one line and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from monai_aeflow.errors import AEFlowInputError
+
+T = TypeVar("T")
+
+__all__ = ["UsageError", "run_guarded"]
+
+
+class UsageError(click.ClickException):
+    """A user mistake: printed as ``Error: <message>`` with exit code 2 and no traceback."""
+
+    exit_code = 2
+
+
+def run_guarded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call ``fn``; turn :class:`AEFlowInputError` (bad file, folder, option or checkpoint) into exit code 2.
+
+    Args:
+        fn: the work to do.
+        args: positional arguments of ``fn``.
+        kwargs: keyword arguments of ``fn``.
+
+    Returns:
+        What ``fn`` returns.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except AEFlowInputError as err:
+        raise UsageError(str(err)) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

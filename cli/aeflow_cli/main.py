@@ -1,0 +1,20 @@
+"""Entry point of ``aeflow-cli``: a click group whose sub-commands live in their own modules."""
+
+from __future__ import annotations
+
+import click
+
+from aeflow_cli.common import run_guarded  # noqa: F401  (re-exported for sub-commands)
+from aeflow_cli.demo import demo
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="monai-aeflow")
+def cli() -> None:
+    """AE-FLOW anomaly detection for 2D and 3D medical images (MONAI)."""
+
+
+cli.add_command(demo)
+
+if __name__ == "__main__":  # pragma: no cover
+    cli()

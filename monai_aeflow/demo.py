@@ -22,6 +22,7 @@ from monai.data import DataLoader, Dataset
 from sklearn.metrics import roc_auc_score
 
 from monai_aeflow.checkpoint import load_model
+from monai_aeflow.data.slices import SliceDataset, select_slices
 from monai_aeflow.data.synthetic import generate_cohort
 from monai_aeflow.data.transforms import build_volume_preprocessing
 from monai_aeflow.engines.workflow import TrainingConfig, resolve_device, train
@@ -30,7 +31,7 @@ from monai_aeflow.inference.volume import score_volume
 from monai_aeflow.networks.aeflow import AEFlow
 from monai_aeflow.visualize import save_slice_panel
 
-__all__ = ["DemoConfig", "run_demo", "brain_slice_indices"]
+__all__ = ["DemoConfig", "run_demo"]
 
 logger = logging.getLogger("monai_aeflow.demo")
 
@@ -78,35 +79,8 @@ class DemoConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def brain_slice_indices(mask: np.ndarray, min_fraction: float) -> np.ndarray:
-    """Axial slices (last axis) whose brain area is at least ``min_fraction`` of the largest one."""
-    area = (np.asarray(mask) > 0).reshape(-1, mask.shape[-1]).sum(0)
-    if area.max() == 0:
-        return np.zeros(0, dtype=int)
-    return np.flatnonzero(area >= min_fraction * area.max())
-
-
 def _slice_items(volumes: Sequence[dict], min_fraction: float, healthy_only: bool) -> list[dict]:
-    items = []
-    for vol in volumes:
-        image = torch.as_tensor(vol["image"]).float()
-        mask = torch.as_tensor(vol["mask"])
-        label = vol.get("label")
-        label = torch.zeros_like(mask) if label is None else torch.as_tensor(label)
-        for z in brain_slice_indices(mask[0].numpy(), min_fraction):
-            lab = label[..., z].float()
-            if healthy_only and lab.any():
-                continue
-            items.append(
-                {
-                    "image": image[..., z].as_subclass(torch.Tensor).clone(),
-                    "label": lab.as_subclass(torch.Tensor).clone(),
-                    "mask": mask[..., z].float().as_subclass(torch.Tensor).clone(),
-                    "subject_id": vol["subject_id"],
-                    "slice_index": int(z),
-                }
-            )
-    return items
+    return list(SliceDataset(volumes, min_area_fraction=min_fraction, healthy_only=healthy_only))
 
 
 def _save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -181,6 +155,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
     def load(rec: dict) -> dict:
         d = preprocess({"image": rec["image"], "mask": rec["brain_mask"], "label": rec["label"]})
         d["subject_id"] = rec["subject_id"]
+        d["modality"] = "flair"
         return d
 
     volumes = {name: [load(r) for r in recs] for name, recs in splits.items()}
@@ -218,7 +193,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
         image = vol["image"].as_subclass(torch.Tensor)
         mask = vol["mask"][0].numpy() > 0
         truth = vol["label"][0].numpy() > 0
-        keep = brain_slice_indices(mask, cfg.min_brain_fraction)
+        keep = select_slices(mask, None, cfg.min_brain_fraction)
         result = score_volume(model, image, batch_size=cfg.batch_size * 2, beta=beta)
         slice_scores.append(result.slice_scores[keep])
         slice_truth.append(truth[..., keep].reshape(-1, len(keep)).any(0))

@@ -6,17 +6,32 @@ import json
 
 import nibabel as nib
 import numpy as np
-from click.testing import CliRunner
-
 from aeflow_cli.main import cli
+from click.testing import CliRunner
 
 
 def test_demo_tiny(tmp_path):
     out = tmp_path / "demo"
     res = CliRunner().invoke(
         cli,
-        ["demo", "--out", str(out), "--epochs", "1", "--n-train", "2", "--shape", "64", "64", "32",
-         "--backbone-weights", "none", "--quiet", "--batch-size", "8"],
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--n-train",
+            "2",
+            "--shape",
+            "64",
+            "64",
+            "32",
+            "--backbone-weights",
+            "none",
+            "--quiet",
+            "--batch-size",
+            "8",
+        ],
     )
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "results" / "metrics.json").read_text())

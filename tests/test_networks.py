@@ -196,3 +196,20 @@ def test_weights_mapping_is_accepted():
     state = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
     load_backbone_weights(net, state)
     assert float(net.conv1.weight.abs().sum()) == 0.0
+
+
+def test_actnorm_data_initialisation_and_persistence():
+    net = AEFlow(backbone="resnet18", backbone_weights=None, flow_blocks=2).eval()
+    x = torch.rand(6, 1, 64, 64)
+    assert net.flow.needs_initialization
+    net.initialize_flow(x)
+    assert not net.flow.needs_initialization
+    with torch.no_grad():
+        normed, _ = net.flow.actnorm(net.encoder(x))
+    flat = normed.transpose(0, 1).reshape(normed.shape[1], -1)
+    live = flat.std(1) > 1e-2  # channels with signal are standardised
+    assert torch.allclose(flat.mean(1)[live], torch.zeros(int(live.sum())), atol=1e-4)
+    assert torch.allclose(flat.std(1)[live], torch.ones(int(live.sum())), atol=1e-3)
+    fresh = AEFlow(backbone="resnet18", backbone_weights=None, flow_blocks=2)
+    fresh.load_state_dict(net.state_dict())
+    assert not fresh.flow.needs_initialization

@@ -21,9 +21,9 @@ def _setup_cfg() -> configparser.ConfigParser:
 
 def test_every_package_is_listed_in_setup_cfg():
     listed = {p.strip() for p in _setup_cfg()["options"]["packages"].split("\n") if p.strip()}
-    found = {
-        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "monai_aeflow").rglob("__init__.py")
-    } | {"aeflow_cli"}
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "monai_aeflow").rglob("__init__.py")} | {
+        "aeflow_cli"
+    }
     assert listed == found
 
 

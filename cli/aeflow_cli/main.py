@@ -6,6 +6,7 @@ import click
 
 from aeflow_cli.common import run_guarded  # noqa: F401  (re-exported for sub-commands)
 from aeflow_cli.demo import demo
+from aeflow_cli.evaluate import evaluate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,6 +16,7 @@ def cli() -> None:
 
 
 cli.add_command(demo)
+cli.add_command(evaluate)
 
 if __name__ == "__main__":  # pragma: no cover
     cli()

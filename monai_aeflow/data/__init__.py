@@ -1,0 +1,74 @@
+"""Data: loading, preprocessing, dataset indexers, subject-level splits, slice sampling, synthetic brains."""
+
+from monai_aeflow.data.indexers import (
+    INDEXERS,
+    index_atlas,
+    index_brats,
+    index_dataset,
+    index_folder,
+    index_image_folder_2d,
+    index_ixi,
+)
+from monai_aeflow.data.io import LoadImageCheckedd, load_image, reraise_input_errors
+from monai_aeflow.data.slices import (
+    DEFAULT_MIN_AREA_FRACTION,
+    SliceDataset,
+    extract_slice,
+    make_slice_dataset,
+    select_slices,
+)
+from monai_aeflow.data.splits import check_disjoint_subjects, read_split_csv, split_by_subject, write_split_csv
+from monai_aeflow.data.synthetic import SyntheticSubject, extract_slices, generate_cohort, make_slices, make_subject
+from monai_aeflow.data.transforms import (
+    BinarizeLabeld,
+    BrainMaskd,
+    CastMasksd,
+    CropOrPadInPlaned,
+    CurvatureFlowd,
+    PreprocessingCompose,
+    ResampleToSpacingd,
+    ResizeImaged,
+    ScaleIntensityInMaskd,
+    build_image_preprocessing,
+    build_volume_preprocessing,
+    percentile_scale,
+)
+
+__all__ = [
+    "DEFAULT_MIN_AREA_FRACTION",
+    "INDEXERS",
+    "BinarizeLabeld",
+    "BrainMaskd",
+    "CastMasksd",
+    "CropOrPadInPlaned",
+    "CurvatureFlowd",
+    "LoadImageCheckedd",
+    "PreprocessingCompose",
+    "ResampleToSpacingd",
+    "ResizeImaged",
+    "ScaleIntensityInMaskd",
+    "SliceDataset",
+    "SyntheticSubject",
+    "build_image_preprocessing",
+    "build_volume_preprocessing",
+    "check_disjoint_subjects",
+    "extract_slice",
+    "extract_slices",
+    "generate_cohort",
+    "index_atlas",
+    "index_brats",
+    "index_dataset",
+    "index_folder",
+    "index_image_folder_2d",
+    "index_ixi",
+    "load_image",
+    "make_slice_dataset",
+    "make_slices",
+    "make_subject",
+    "percentile_scale",
+    "read_split_csv",
+    "reraise_input_errors",
+    "select_slices",
+    "split_by_subject",
+    "write_split_csv",
+]

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
@@ -65,6 +66,8 @@ class AEFlowTrainer(SupervisedTrainer):
         optimizer: optimiser over ``network.trainable_parameters()``.
         loss_function: an :class:`AEFlowLoss` (default alpha 0.5, MSE).
         channels_last: use the channels-last memory format (faster convolutions on CUDA).
+        flow_init_images: healthy images used to initialise the flow's ActNorm layer when training starts
+            (skipped when the model is already initialised, e.g. loaded or resumed).
         kwargs: passed to ``SupervisedTrainer``.
     """
 
@@ -77,6 +80,7 @@ class AEFlowTrainer(SupervisedTrainer):
         optimizer: Optimizer,
         loss_function: Callable | None = None,
         channels_last: bool = False,
+        flow_init_images: int = 256,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("decollate", False)
@@ -90,6 +94,25 @@ class AEFlowTrainer(SupervisedTrainer):
             **kwargs,
         )
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.flow_init_images = flow_init_images
+        self.add_event_handler(Events.STARTED, self._initialize_flow)
+
+    def _initialize_flow(self, engine: AEFlowTrainer) -> None:
+        """Data-dependent initialisation of the flow's ActNorm layer from up to ``flow_init_images`` images."""
+        net = engine.network
+        flow = getattr(net, "flow", None)
+        if flow is None or not getattr(flow, "needs_initialization", False):
+            return
+        images, count = [], 0
+        for batch in engine.data_loader:
+            x = _to_device(batch[Keys.IMAGE], engine.state.device, engine.non_blocking, engine.memory_format)
+            images.append(x)
+            count += x.shape[0]
+            if count >= engine.flow_init_images:
+                break
+        if images:
+            with torch.no_grad():
+                net.initialize_flow(torch.cat(images)[: engine.flow_init_images])
 
     def _iteration(self, engine: AEFlowTrainer, batchdata: Mapping[str, Any]) -> dict[str, Any]:
         if batchdata is None:

@@ -49,6 +49,8 @@ class AEFlow(nn.Module):
         affine_clamping: clamp of the coupling log-scale.
         decoder_channels: the decoder's three intermediate widths (default C/2, C/4, 64).
         train_encoder: fine-tune the encoder as well.
+        actnorm: a data-initialised per-channel affine layer before the coupling blocks (see
+            :class:`~monai_aeflow.networks.flow.ActNorm`).
 
     Example::
 
@@ -68,12 +70,13 @@ class AEFlow(nn.Module):
         affine_clamping: float = 2.0,
         decoder_channels: Sequence[int] | None = None,
         train_encoder: bool = False,
+        actnorm: bool = True,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.encoder = FeatureEncoder(backbone, backbone_weights, in_channels, trainable=train_encoder)
         c = self.encoder.out_channels
-        self.flow = NormalizingFlow(c, flow_blocks, subnet, hidden_ratio, affine_clamping)
+        self.flow = NormalizingFlow(c, flow_blocks, subnet, hidden_ratio, affine_clamping, actnorm=actnorm)
         self.decoder = AEFlowDecoder(c, in_channels, decoder_channels)
         self.hparams: dict[str, Any] = {
             "in_channels": in_channels,
@@ -84,6 +87,7 @@ class AEFlow(nn.Module):
             "affine_clamping": affine_clamping,
             "decoder_channels": None if decoder_channels is None else list(decoder_channels),
             "train_encoder": train_encoder,
+            "actnorm": actnorm,
         }
 
     def check_input(self, x: torch.Tensor) -> None:
@@ -102,6 +106,12 @@ class AEFlow(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimiser updates (flow and decoder, plus the encoder when fine-tuned)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def initialize_flow(self, x: torch.Tensor) -> None:
+        """Initialise the flow's ActNorm layer from healthy images ``x`` (B, C, H, W) in [0, 1]."""
+        self.check_input(x)
+        self.flow.initialize(self.encoder(x))
 
     def forward(self, x: torch.Tensor) -> AEFlowOutput:
         self.check_input(x)

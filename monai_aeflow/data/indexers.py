@@ -1,0 +1,512 @@
+"""Dataset indexers: turn public datasets, as downloaded, into lists of MONAI data dicts.
+
+Every record has the keys ``"image"`` (path, or list of paths for several channels), ``"mask"``
+(brain mask path or ``None``: the mask is then made from the nonzero voxels), ``"label"`` (lesion
+label path or ``None``; an ``int`` 0/1 for 2D image folders), ``"subject_id"`` and ``"modality"``.
+Some indexers add keys (``"site"`` for IXI, ``"session"`` for ATLAS, ``"split"`` and
+``"class_name"`` for 2D folders). Records are sorted by subject id, so indexing is deterministic.
+
+A folder in which an indexer recognises nothing, or a case that lacks the requested modality,
+raises :class:`monai_aeflow.errors.AEFlowInputError`: a dataset is never half-built silently.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from monai_aeflow.data.io import IMAGE_2D_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES, is_dicom_series_dir
+from monai_aeflow.errors import AEFlowInputError
+
+__all__ = [
+    "BRATS_MODALITIES",
+    "make_record",
+    "index_brats",
+    "index_ixi",
+    "index_atlas",
+    "index_folder",
+    "index_image_folder_2d",
+    "INDEXERS",
+    "index_dataset",
+]
+
+BRATS_MODALITIES: tuple[str, ...] = ("t1", "t1c", "t2", "flair")
+"""Canonical modality names accepted by :func:`index_brats`."""
+
+_MODALITY_ALIASES = {
+    "t1": "t1",
+    "t1n": "t1",
+    "t1w": "t1",
+    "t1c": "t1c",
+    "t1ce": "t1c",
+    "t1gd": "t1c",
+    "t1post": "t1c",
+    "t2": "t2",
+    "t2w": "t2",
+    "flair": "flair",
+    "t2f": "flair",
+    "t2flair": "flair",
+}
+
+# BraTS 2018-2021: BraTS2021_00000_t1.nii.gz; 2023+: BraTS-GLI-00000-000-t1n.nii.gz
+_BRATS_2018 = re.compile(r"^(?P<case>.+?)_(?P<seq>t1|t1ce|t2|flair|seg)\.nii(\.gz)?$", re.IGNORECASE)
+_BRATS_2023 = re.compile(r"^(?P<case>BraTS-.+?)-(?P<seq>t1n|t1c|t2w|t2f|seg)\.nii(\.gz)?$", re.IGNORECASE)
+# BraTS 2013/2015 as distributed with deepmedic (Flair_subtrMeanDivStd.nii.gz, OTMultiClass.nii.gz, ...)
+_BRATS_2015_FILE = re.compile(
+    r"^(?P<seq>flair|t1c|t1|t2|otmulticlass|ot|brainmask)(?:[_.].*)?\.(nii|nii\.gz|mha)$", re.IGNORECASE
+)
+# original BraTS 2015 release: VSD.Brain.XX.O.MR_Flair.54512.mha, VSD.Brain_3more.XX.O.OT.54517.mha
+_BRATS_2015_VSD = re.compile(r"^VSD\..*\.(?:MR_(?P<seq>Flair|T1c|T1|T2)|(?P<ot>OT))\.\d+\.mha$", re.IGNORECASE)
+
+_IXI = re.compile(
+    r"^(?P<prefix>.*?)(?P<subject>IXI\d{3}-(?P<site>[A-Za-z]+)-\d{4})[-_](?P<seq>T1|T2|PD|MRA)"
+    r"(?P<suffix>[^/]*?)\.nii(\.gz)?$"
+)
+_ATLAS_IMAGE = re.compile(
+    r"^(?P<stem>(?P<subject>sub-[A-Za-z0-9]+)(?:_ses-(?P<session>[A-Za-z0-9]+))?.*?)_T1w\.nii(\.gz)?$"
+)
+
+
+def make_record(
+    image: str | os.PathLike | Sequence[str | os.PathLike],
+    subject_id: str,
+    modality: str,
+    mask: str | os.PathLike | None = None,
+    label: str | os.PathLike | int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Build one data dict with the standard keys.
+
+    Args:
+        image: image path, or a list of paths (one per channel).
+        subject_id: subject identifier; splits never put one subject in two sets.
+        modality: modality name (e.g. ``"flair"``, ``"t1"``, ``"xray"``).
+        mask: brain mask path, or ``None``.
+        label: lesion label path, an integer image-level label, or ``None``.
+        extra: further keys (site, session, ...).
+
+    Returns:
+        the data dict, with paths as strings.
+    """
+
+    def _str(value: Any) -> Any:
+        return str(value) if isinstance(value, os.PathLike) else value
+
+    image_value = [str(p) for p in image] if isinstance(image, (list, tuple)) else str(image)
+    return {
+        "image": image_value,
+        "mask": _str(mask),
+        "label": _str(label),
+        "subject_id": str(subject_id),
+        "modality": modality,
+        **extra,
+    }
+
+
+def _check_root(root: str | os.PathLike) -> Path:
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise AEFlowInputError("dataset folder not found", path=path)
+    if not path.is_dir():
+        raise AEFlowInputError("is not a folder", path=path)
+    return path
+
+
+def _modalities(modality: str | Sequence[str]) -> list[str]:
+    names = [modality] if isinstance(modality, str) else list(modality)
+    out = []
+    for name in names:
+        canonical = _MODALITY_ALIASES.get(name.lower().replace("-", "").replace("_", ""))
+        if canonical is None:
+            raise AEFlowInputError(f"unknown MRI modality {name!r}; choose from {', '.join(BRATS_MODALITIES)}")
+        out.append(canonical)
+    if not out:
+        raise AEFlowInputError("no modality given")
+    return out
+
+
+def _files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
+
+
+def index_brats(
+    root: str | os.PathLike,
+    modality: str | Sequence[str] = "flair",
+    require_label: bool = False,
+) -> list[dict[str, Any]]:
+    """Index a BraTS folder in the 2013/2015, 2018-2021 or 2023+ naming.
+
+    Recognised layouts (searched recursively, one case per folder):
+
+    - 2013/2015 (deepmedic copy): ``<case>/Flair_subtrMeanDivStd.nii.gz``, ``T1c_...``, ``T1_...``,
+      ``T2_...``, ``OTMultiClass.nii.gz`` and ``brainmask.nii.gz``; or the original release
+      ``<case>/VSD.Brain.XX.O.MR_Flair.<id>/VSD....mha`` with ``...OT.<id>.mha``;
+    - 2018-2021: ``BraTS2021_00000_{t1,t1ce,t2,flair,seg}.nii.gz``;
+    - 2023+: ``BraTS-GLI-00000-000-{t1n,t1c,t2w,t2f,seg}.nii.gz``.
+
+    The tumour is ``label > 0`` (see :class:`~monai_aeflow.data.transforms.BinarizeLabeld`).
+
+    Args:
+        root: dataset folder.
+        modality: ``"flair"``, ``"t1"``, ``"t1c"``, ``"t2"`` (aliases such as ``"t2f"``, ``"t1ce"``
+            and ``"t1n"`` are accepted), or a list of them for a multi-channel image.
+        require_label: raise when a case has no segmentation (validation releases have none).
+
+    Returns:
+        one record per case; ``"label"`` is the segmentation path or ``None``, ``"mask"`` the
+        brain mask path of the 2015 copy or ``None`` (brain = nonzero voxels).
+
+    Raises:
+        AEFlowInputError: when nothing is recognised, or a case lacks the modality or the label.
+    """
+    root_path = _check_root(root)
+    wanted = _modalities(modality)
+    cases: dict[Path, dict[str, Any]] = {}
+
+    def _case(folder: Path, case_id: str, scheme: str) -> dict[str, Any]:
+        return cases.setdefault(folder / case_id, {"id": case_id, "scheme": scheme, "files": {}, "dir": folder})
+
+    for path in _files(root_path, NIFTI_SUFFIXES + (".mha",)):
+        name = path.name
+        if match := _BRATS_2023.match(name):
+            seq = match["seq"].lower()
+            key = "seg" if seq == "seg" else _MODALITY_ALIASES[seq]
+            _case(path.parent, match["case"], "2023")["files"][key] = path
+        elif (match := _BRATS_2018.match(name)) and match["case"].lower().startswith("brats"):
+            seq = match["seq"].lower()
+            key = "seg" if seq == "seg" else _MODALITY_ALIASES[seq]
+            _case(path.parent, match["case"], "2018")["files"][key] = path
+        elif match := _BRATS_2015_VSD.match(name):
+            case_dir = path.parent.parent if path.parent.name.startswith("VSD.") else path.parent
+            key = "seg" if match["ot"] else _MODALITY_ALIASES[match["seq"].lower()]
+            _case(case_dir.parent, case_dir.name, "2015")["files"][key] = path
+        elif match := _BRATS_2015_FILE.match(name):
+            seq = match["seq"].lower()
+            key = {"otmulticlass": "seg", "ot": "seg", "brainmask": "mask"}.get(seq, _MODALITY_ALIASES.get(seq))
+            files = _case(path.parent.parent, path.parent.name, "2015")["files"]
+            if key in files and key != "seg":
+                raise AEFlowInputError(f"two {key} files: {files[key].name} and {name}", path=path.parent)
+            if key == "seg" and "seg" in files and seq == "ot":
+                continue  # OTMultiClass wins over a plain OT file
+            files[key] = path
+
+    # a 2015-style folder must hold at least one image and be a case (not e.g. a stray brainmask)
+    cases = {k: v for k, v in cases.items() if any(m in v["files"] for m in BRATS_MODALITIES)}
+    if not cases:
+        raise AEFlowInputError(
+            "no BraTS case recognised (expected e.g. BraTS2021_00000_flair.nii.gz, "
+            "BraTS-GLI-00000-000-t2f.nii.gz or <case>/Flair*.nii.gz with OTMultiClass.nii.gz)",
+            path=root_path,
+        )
+    records = []
+    for case in sorted(cases.values(), key=lambda c: c["id"]):
+        files, where = case["files"], case["dir"] / case["id"] if case["scheme"] == "2015" else case["dir"]
+        missing = [m for m in wanted if m not in files]
+        if missing:
+            raise AEFlowInputError(f"BraTS case {case['id']} has no {'/'.join(missing)} image", path=where)
+        if require_label and "seg" not in files:
+            raise AEFlowInputError(f"BraTS case {case['id']} has no segmentation", path=where)
+        images = [files[m] for m in wanted]
+        records.append(
+            make_record(
+                images[0] if len(images) == 1 else images,
+                subject_id=case["id"],
+                modality="+".join(wanted),
+                mask=files.get("mask"),
+                label=files.get("seg"),
+            )
+        )
+    return records
+
+
+def index_ixi(root: str | os.PathLike, modality: str = "T1") -> list[dict[str, Any]]:
+    """Index IXI volumes (healthy subjects), e.g. ``IXI002-Guys-0828-T1.nii.gz``.
+
+    Prefixes and suffixes around the IXI name are allowed (``hd_bet_IXI002-Guys-0828-T1.nii.gz``,
+    ``IXI012-HH-1211_T1_brain.nii.gz``). A file whose extra text contains ``mask`` is the brain mask
+    of the image with the same subject and modality (``hd_bet_mask_IXI002-Guys-0828-T1.nii.gz``).
+
+    Args:
+        root: folder searched recursively.
+        modality: ``"T1"``, ``"T2"``, ``"PD"`` or ``"MRA"``.
+
+    Returns:
+        one record per subject, with ``"label"`` ``None`` and the acquisition ``"site"``
+        (``Guys``, ``HH``, ``IOP``).
+
+    Raises:
+        AEFlowInputError: when no IXI volume of that modality is found, or a subject has several.
+    """
+    root_path = _check_root(root)
+    seq = modality.upper()
+    if seq not in ("T1", "T2", "PD", "MRA"):
+        raise AEFlowInputError(f"unknown IXI modality {modality!r}; choose from T1, T2, PD, MRA")
+    images: dict[str, list[Path]] = {}
+    masks: dict[str, list[Path]] = {}
+    sites: dict[str, str] = {}
+    for path in _files(root_path, NIFTI_SUFFIXES):
+        match = _IXI.match(path.name)
+        if not match or match["seq"] != seq:
+            continue
+        extra = (match["prefix"] + match["suffix"]).lower()
+        target = masks if "mask" in extra else images
+        target.setdefault(match["subject"], []).append(path)
+        sites[match["subject"]] = match["site"]
+    if not images:
+        raise AEFlowInputError(
+            f"no IXI {seq} volume recognised (expected e.g. IXI002-Guys-0828-{seq}.nii.gz)", path=root_path
+        )
+    records = []
+    for subject in sorted(images):
+        for kind, found in (("image", images[subject]), ("mask", masks.get(subject, []))):
+            if len(found) > 1:
+                names = ", ".join(p.name for p in found)
+                raise AEFlowInputError(f"several {seq} {kind}s for {subject}: {names}", path=found[0].parent)
+        mask = masks.get(subject, [None])[0]
+        records.append(
+            make_record(images[subject][0], subject, seq.lower(), mask=mask, label=None, site=sites[subject])
+        )
+    return records
+
+
+def index_atlas(root: str | os.PathLike, require_label: bool = False) -> list[dict[str, Any]]:
+    """Index ATLAS v2 (stroke lesions, BIDS names).
+
+    Images are ``sub-r001s001_ses-1_space-MNI152NLin2009aSym_T1w.nii.gz``; the lesion label is the
+    file with the same prefix ending in ``_label-L_desc-T1lesion_mask.nii.gz``; a brain mask ending
+    in ``_desc-brain_mask.nii.gz`` next to it is used when present (ATLAS T1w images are defaced,
+    not skull-stripped).
+
+    Args:
+        root: folder searched recursively (e.g. ``ATLAS_2/Training``).
+        require_label: raise when an image has no lesion mask (the test release has none).
+
+    Returns:
+        one record per image, with ``"session"`` (``None`` when the name has no ``ses-`` entity) and
+        ``"site"`` (the cohort ``r001`` of ``sub-r001s001``, or ``None``).
+
+    Raises:
+        AEFlowInputError: when no ATLAS image is found or a label is required and missing.
+    """
+    root_path = _check_root(root)
+    records = []
+    for path in _files(root_path, NIFTI_SUFFIXES):
+        match = _ATLAS_IMAGE.match(path.name)
+        if not match:
+            continue
+        stem = match["stem"]
+        labels = sorted(path.parent.glob(f"{stem}_label-*_desc-T1lesion_mask.nii*"))
+        masks = sorted(path.parent.glob(f"{stem}_desc-brain_mask.nii*"))
+        if len(labels) > 1:
+            raise AEFlowInputError(
+                f"several lesion masks for {path.name}: {[p.name for p in labels]}", path=path.parent
+            )
+        if require_label and not labels:
+            raise AEFlowInputError("ATLAS image has no *_desc-T1lesion_mask file", path=path)
+        records.append(
+            make_record(
+                path,
+                match["subject"],
+                "t1",
+                mask=masks[0] if masks else None,
+                label=labels[0] if labels else None,
+                session=match["session"],
+                site=site.group(1) if (site := re.match(r"sub-(r\d+)s\d+", match["subject"])) else None,
+            )
+        )
+    if not records:
+        raise AEFlowInputError(
+            "no ATLAS v2 image recognised (expected sub-<id>_ses-<n>_space-<space>_T1w.nii.gz)", path=root_path
+        )
+    return sorted(records, key=lambda r: (r["subject_id"], r["session"] or "", r["image"]))
+
+
+_MATCH_SUFFIXES = ("", "_mask", "-mask", "_brainmask", "_brain_mask", "_seg", "-seg", "_label", "-label", "_lesion")
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in NIFTI_SUFFIXES[::-1] + ITK_SUFFIXES:  # .nii.gz before .nii
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _volume_entries(folder: Path) -> list[Path]:
+    entries = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file() and entry.name.lower().endswith(NIFTI_SUFFIXES + (".mha", ".mhd", ".nrrd")):
+            entries.append(entry)
+        elif entry.is_dir() and is_dicom_series_dir(entry):
+            entries.append(entry)
+    return entries
+
+
+def _match_by_name(images: list[Path], folder: Path | None, what: str, strict: bool) -> dict[Path, Path | None]:
+    if folder is None:
+        return dict.fromkeys(images)
+    folder = _check_root(folder)
+    candidates = {_stem(p): p for p in _volume_entries(folder)}
+    found: dict[Path, Path | None] = {}
+    unmatched = []
+    for image in images:
+        stem = _stem(image)
+        match = next((candidates[stem + s] for s in _MATCH_SUFFIXES if stem + s in candidates), None)
+        found[image] = match
+        if match is None:
+            unmatched.append(image.name)
+    if strict and unmatched:
+        shown = ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
+        raise AEFlowInputError(f"no {what} matches {len(unmatched)} image(s) by name: {shown}", path=folder)
+    return found
+
+
+def index_folder(
+    images_dir: str | os.PathLike,
+    masks_dir: str | os.PathLike | None = None,
+    labels_dir: str | os.PathLike | None = None,
+    modality: str = "unknown",
+    strict: bool = True,
+) -> list[dict[str, Any]]:
+    """Index a generic folder of volumes, with optional brain masks and lesion labels matched by name.
+
+    Images are the NIfTI/MetaImage/NRRD files and DICOM series sub-folders of ``images_dir``. A mask
+    or label matches an image when its name, without extension, is the image's name or the image's
+    name plus ``_mask``, ``_brainmask``, ``_seg``, ``_label`` (...). When ``images_dir`` has an
+    ``images`` sub-folder, that is used, and ``masks``/``labels`` sub-folders next to it are taken
+    as the brain masks and lesion labels unless given.
+
+    Args:
+        images_dir: the folder of volumes (or its parent holding ``images/``).
+        masks_dir: folder of brain masks, or ``None``.
+        labels_dir: folder of lesion labels, or ``None``.
+        modality: modality name stored in each record.
+        strict: raise when a given masks/labels folder has no match for some image (otherwise the
+            record gets ``None``).
+
+    Returns:
+        one record per volume; the subject id is the file name without extension.
+
+    Raises:
+        AEFlowInputError: when the folder holds no volume or a match is missing in strict mode.
+    """
+    folder = _check_root(images_dir)
+    if is_dicom_series_dir(folder):
+        return [make_record(folder, folder.name, modality, mask=masks_dir, label=labels_dir)]
+    if (folder / "images").is_dir():
+        masks_dir = masks_dir if masks_dir is not None else (folder / "masks" if (folder / "masks").is_dir() else None)
+        labels_dir = (
+            labels_dir if labels_dir is not None else (folder / "labels" if (folder / "labels").is_dir() else None)
+        )
+        folder = folder / "images"
+    images = _volume_entries(folder)
+    if not images:
+        raise AEFlowInputError("no volume found (expected .nii/.nii.gz files or DICOM series folders)", path=folder)
+    masks = _match_by_name(images, Path(masks_dir) if masks_dir is not None else None, "brain mask", strict)
+    labels = _match_by_name(images, Path(labels_dir) if labels_dir is not None else None, "label", strict)
+    return [make_record(p, _stem(p), modality, mask=masks[p], label=labels[p]) for p in images]
+
+
+_NORMAL_NAMES = ("normal", "good", "healthy", "negative", "no_finding", "nofinding")
+_SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "test", "testing")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_2D_SUFFIXES))
+
+
+def index_image_folder_2d(
+    root: str | os.PathLike,
+    modality: str = "image",
+    normal_classes: Sequence[str] = _NORMAL_NAMES,
+    subject_pattern: str | None = None,
+) -> list[dict[str, Any]]:
+    """Index a folder of 2D images in the layout of the chest X-ray and OCT releases.
+
+    Two layouts are recognised: ``<root>/<split>/<CLASS>/*.jpeg`` with split ``train``, ``val`` or
+    ``test`` and classes such as ``NORMAL``, ``PNEUMONIA`` (OCT: ``NORMAL``, ``CNV``, ``DME``,
+    ``DRUSEN``), and ``<root>/<class>/*.png`` with classes such as ``normal`` and ``abnormal``.
+    Images of a normal class get label 0, all others label 1.
+
+    Args:
+        root: dataset folder.
+        modality: modality name stored in each record (e.g. ``"xray"``, ``"oct"``).
+        normal_classes: class folder names (case-insensitive) holding normal images.
+        subject_pattern: regular expression whose first group, searched in the file name, is the
+            subject (patient) id, e.g. ``r"(person\\d+)"`` for the pneumonia release; default: the file
+            name without extension.
+
+    Returns:
+        one record per image with an ``int`` ``"label"``, ``"mask"`` ``None``, ``"class_name"`` and
+        ``"split"`` (``None`` in the class-only layout).
+
+    Raises:
+        AEFlowInputError: when no class folder with images is found, or all images are of one kind
+            and no class folder is normal.
+    """
+    root_path = _check_root(root)
+    normal = {n.lower() for n in normal_classes}
+    pattern = re.compile(subject_pattern) if subject_pattern else None
+    groups: list[tuple[str | None, Path]] = []
+    for child in sorted(p for p in root_path.iterdir() if p.is_dir()):
+        if child.name.lower() in _SPLIT_NAMES:
+            groups += [(child.name, c) for c in sorted(p for p in child.iterdir() if p.is_dir())]
+        else:
+            groups.append((None, child))
+    records = []
+    for split, class_dir in groups:
+        for image in _images_in(class_dir):
+            subject = image.stem
+            if pattern is not None:
+                match = pattern.search(image.name)
+                if match is None:
+                    raise AEFlowInputError(f"subject pattern {subject_pattern!r} does not match", path=image)
+                subject = match.group(1) if match.groups() else match.group(0)
+            label = 0 if class_dir.name.lower() in normal else 1
+            records.append(
+                make_record(image, subject, modality, mask=None, label=label, class_name=class_dir.name, split=split)
+            )
+    if not records:
+        raise AEFlowInputError(
+            "no 2D image recognised (expected <split>/<CLASS>/*.jpeg or normal/ and abnormal/ folders of "
+            f"{', '.join(IMAGE_2D_SUFFIXES)} files)",
+            path=root_path,
+        )
+    if not any(r["label"] == 0 for r in records):
+        classes = sorted({r["class_name"] for r in records})
+        raise AEFlowInputError(
+            f"no normal class among the folders {classes}; name it 'normal' or pass normal_classes", path=root_path
+        )
+    return records
+
+
+INDEXERS: dict[str, Callable[..., list[dict[str, Any]]]] = {
+    "brats": index_brats,
+    "ixi": index_ixi,
+    "atlas": index_atlas,
+    "folder": index_folder,
+    "images2d": index_image_folder_2d,
+}
+"""Indexers by dataset name, for configuration files and the command line."""
+
+
+def index_dataset(kind: str, root: str | os.PathLike, **kwargs: Any) -> list[dict[str, Any]]:
+    """Index a dataset by name (``"brats"``, ``"ixi"``, ``"atlas"``, ``"folder"``, ``"images2d"``).
+
+    Args:
+        kind: key of :data:`INDEXERS`.
+        root: dataset folder.
+        kwargs: options of the indexer (e.g. ``modality="t1"``).
+
+    Returns:
+        the records of the indexer.
+
+    Raises:
+        AEFlowInputError: for an unknown kind or what the indexer raises.
+    """
+    if kind not in INDEXERS:
+        raise AEFlowInputError(f"unknown dataset kind {kind!r}; choose from {', '.join(INDEXERS)}")
+    return INDEXERS[kind](root, **kwargs)

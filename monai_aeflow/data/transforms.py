@@ -1,0 +1,590 @@
+"""MONAI dictionary transforms for the brain MRI protocol, and the standard preprocessing pipelines.
+
+Each transform does one job and works on the data dicts of :mod:`monai_aeflow.data.indexers`
+(keys ``"image"``, ``"mask"``, ``"label"``, ...). A ``None`` value (no brain mask or no lesion label
+file) is passed through untouched. The volume pipeline (:func:`build_volume_preprocessing`) is:
+
+1. :class:`~monai_aeflow.data.io.LoadImageCheckedd`: load, validate, reorient to RAS;
+2. :class:`BrainMaskd`: brain mask from the mask file or from the nonzero voxels, optionally eroded;
+3. :class:`ResampleToSpacingd` (optional): resample to 1 mm;
+4. :class:`CurvatureFlowd` (optional): edge-preserving smoothing with itk;
+5. :class:`ScaleIntensityInMaskd`: clip at the 1st/99th percentile inside the brain, scale to [0, 1];
+6. :class:`CropOrPadInPlaned`: crop/pad the axial plane to a fixed size divisible by 16;
+7. :class:`BinarizeLabeld` and :class:`CastMasksd`: binary uint8 lesion label and brain mask.
+
+Spatial steps are invertible (``monai.transforms.Invertd``), so that maps computed on the
+preprocessed volume can be written back in the input's space.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    Crop,
+    InvertibleTransform,
+    MapTransform,
+    Resize,
+    Spacing,
+    SpatialPad,
+)
+from monai.utils import convert_to_dst_type
+from scipy import ndimage
+
+from monai_aeflow.data.io import LoadImageCheckedd, check_same_spatial_shape, reraise_input_errors, source_name
+from monai_aeflow.errors import AEFlowInputError
+
+__all__ = [
+    "BrainMaskd",
+    "ScaleIntensityInMaskd",
+    "ResampleToSpacingd",
+    "CurvatureFlowd",
+    "CropOrPadInPlaned",
+    "ResizeImaged",
+    "BinarizeLabeld",
+    "CastMasksd",
+    "percentile_scale",
+    "PreprocessingCompose",
+    "build_volume_preprocessing",
+    "build_image_preprocessing",
+]
+
+
+def _present(transform: MapTransform, data: Mapping[Hashable, Any]) -> Iterator[Hashable]:
+    """Keys of ``transform`` that are in ``data`` and not ``None``."""
+    for key in transform.key_iterator(data):
+        if data[key] is not None:
+            yield key
+
+
+def _as_meta(array: Any, like: torch.Tensor, dtype: Any = None) -> torch.Tensor:
+    """``array`` as the type of ``like`` (a MetaTensor keeps ``like``'s metadata)."""
+    out, *_ = convert_to_dst_type(array, like, dtype=dtype)
+    return out
+
+
+class BrainMaskd(MapTransform):
+    """Put a binary brain mask in ``data[mask_key]``.
+
+    When ``data[mask_key]`` holds a loaded mask it is thresholded (``> threshold``); when it is
+    ``None`` the mask is the set of voxels different from the background value in any channel of the
+    image (the nonzero voxels of a skull-stripped volume). The mask can be eroded by a number of
+    iterations of the 6-connected (3D) / 4-connected (2D) structuring element.
+
+    Args:
+        image_key: key of the channel-first image.
+        mask_key: key of the mask (a tensor, or ``None``).
+        threshold: a loaded mask is ``mask > threshold`` (probabilistic masks: 0.5).
+        background: intensity outside the brain when the mask comes from the image: a number;
+            ``"min"`` (the image minimum, for volumes whose background was shifted by z-scoring);
+            ``"auto"`` (0 or the minimum, whichever more voxels have: 0 for raw and skull-stripped
+            volumes, the shifted value for z-scored ones); or ``None`` (every voxel, for images
+            without a brain, e.g. chest X-rays).
+        erosion_iterations: binary erosion steps applied to the mask (0: none).
+        allow_missing_keys: do not raise when ``image_key`` is absent.
+
+    Raises:
+        AEFlowInputError: when the mask has another shape than the image or holds no brain voxel.
+
+    Example::
+
+        d = BrainMaskd()({"image": image, "mask": None})  # nonzero voxels of the image
+    """
+
+    def __init__(
+        self,
+        image_key: str = "image",
+        mask_key: str = "mask",
+        threshold: float = 0.5,
+        background: float | str | None = "auto",
+        erosion_iterations: int = 0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__([image_key], allow_missing_keys)
+        if isinstance(background, str) and background not in ("min", "auto"):
+            raise AEFlowInputError(f"background must be a number, 'min', 'auto' or None, not {background!r}")
+        if erosion_iterations < 0:
+            raise AEFlowInputError(f"erosion_iterations must be >= 0, not {erosion_iterations}")
+        self.image_key = image_key
+        self.mask_key = mask_key
+        self.threshold = threshold
+        self.background = background
+        self.erosion_iterations = erosion_iterations
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.image_key not in d:
+            if self.allow_missing_keys:
+                return d
+            raise KeyError(self.image_key)
+        image = d[self.image_key]
+        given = d.get(self.mask_key)
+        if given is not None:
+            check_same_spatial_shape(image, given, other_name="mask")
+            mask = torch.as_tensor(given).detach().cpu() > self.threshold
+            mask = mask.any(dim=0, keepdim=True)
+            source = f"mask {source_name(given)}"
+        elif self.background is None:
+            mask = torch.ones((1, *image.shape[1:]), dtype=torch.bool)
+            source = "image"
+        else:
+            values = torch.as_tensor(image).detach().cpu()
+            if self.background == "min":
+                bg = values.min()
+            elif self.background == "auto":
+                lowest = values.min()
+                bg = lowest if int((values == lowest).sum()) > int((values == 0).sum()) else values.new_zeros(())
+            else:
+                bg = torch.as_tensor(float(self.background), dtype=values.dtype)
+            mask = (values != bg).any(dim=0, keepdim=True)
+            source = "nonzero voxels of the image"
+        if self.erosion_iterations > 0:
+            structure = ndimage.generate_binary_structure(mask.ndim - 1, 1)
+            eroded = ndimage.binary_erosion(mask[0].numpy(), structure=structure, iterations=self.erosion_iterations)
+            mask = torch.from_numpy(eroded)[None]
+        if not bool(mask.any()):
+            raise AEFlowInputError(f"no brain voxels (brain mask from {source} is empty)", path=source_name(image))
+        d[self.mask_key] = _as_meta(mask.to(torch.uint8), image, dtype=torch.uint8)
+        return d
+
+
+def percentile_scale(
+    image: np.ndarray, mask: np.ndarray | None = None, lower: float = 1.0, upper: float = 99.0
+) -> np.ndarray:
+    """Clip one channel at percentiles of the voxels inside ``mask`` and scale it to [0, 1].
+
+    Voxels outside the mask are set to 0.
+
+    Args:
+        image: one channel, any shape.
+        mask: boolean array of the same shape (``None``: all voxels).
+        lower: lower percentile (0 to 100).
+        upper: upper percentile (0 to 100), greater than ``lower``.
+
+    Returns:
+        a float32 array in [0, 1].
+
+    Raises:
+        AEFlowInputError: when the image is constant inside the mask.
+    """
+    values = image[mask] if mask is not None else image.ravel()
+    lo, hi = np.percentile(values, [lower, upper])
+    if not hi > lo:
+        raise AEFlowInputError(f"image is constant inside the brain mask (percentiles {lower}/{upper} are both {lo:g})")
+    scaled = np.clip((image.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
+    if mask is not None:
+        scaled[~mask] = 0.0
+    return scaled
+
+
+class ScaleIntensityInMaskd(MapTransform):
+    """Clip each channel at the ``lower``/``upper`` percentiles of the brain voxels and scale to [0, 1].
+
+    Percentiles are computed inside ``data[mask_key]`` only, so that raw int16 volumes (background 0)
+    and z-scored volumes (background at a negative value) come out alike, with the tissue contrast
+    kept (the mapping is monotonic inside the brain). Voxels outside the brain are set to 0.
+
+    Args:
+        keys: image keys to scale.
+        mask_key: key of the brain mask (``None`` value or absent key: whole image).
+        lower: lower percentile.
+        upper: upper percentile.
+        allow_missing_keys: do not raise when a key is absent.
+
+    Example::
+
+        d = ScaleIntensityInMaskd("image", lower=1, upper=99)(d)
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        mask_key: str | None = "mask",
+        lower: float = 1.0,
+        upper: float = 99.0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not 0.0 <= lower < upper <= 100.0:
+            raise AEFlowInputError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {lower}, {upper}")
+        self.mask_key = mask_key
+        self.lower = lower
+        self.upper = upper
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        mask_value = d.get(self.mask_key) if self.mask_key is not None else None
+        for key in _present(self, d):
+            image = d[key]
+            array = torch.as_tensor(image).detach().cpu().numpy()
+            mask = None
+            if mask_value is not None:
+                check_same_spatial_shape(image, mask_value, other_name="mask")
+                mask = torch.as_tensor(mask_value).detach().cpu().numpy()[0] > 0
+            try:
+                scaled = np.stack([percentile_scale(c, mask, self.lower, self.upper) for c in array])
+            except AEFlowInputError as exc:
+                raise AEFlowInputError(str(exc), path=source_name(image)) from None
+            d[key] = _as_meta(scaled, image, dtype=torch.float32)
+        return d
+
+
+class ResampleToSpacingd(MapTransform, InvertibleTransform):
+    """Resample the image (trilinear) and its mask and label (nearest) to a voxel spacing.
+
+    Args:
+        keys: keys to resample.
+        pixdim: target spacing in mm (default 1 mm isotropic).
+        image_key: the key resampled with interpolation; other keys use nearest neighbour.
+        allow_missing_keys: do not raise when a key is absent.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "mask", "label"),
+        pixdim: Sequence[float] | float = 1.0,
+        image_key: str = "image",
+        allow_missing_keys: bool = True,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.linear = Spacing(pixdim=pixdim, mode="bilinear", padding_mode="zeros")
+        self.nearest = Spacing(pixdim=pixdim, mode="nearest", padding_mode="zeros")
+
+    def _resampler(self, key: Hashable) -> Spacing:
+        return self.linear if key == self.image_key else self.nearest
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in _present(self, d):
+            value = d[key]
+            dtype = value.dtype
+            out = self._resampler(key)(value.float() if key != self.image_key else value)
+            d[key] = out.to(dtype) if key != self.image_key else out
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in _present(self, d):
+            d[key] = self._resampler(key).inverse(d[key])
+        return d
+
+
+class CurvatureFlowd(MapTransform):
+    """Edge-preserving smoothing with ITK's ``CurvatureFlowImageFilter``, channel by channel.
+
+    The voxel spacing of the metadata is given to ITK, so that the flow is computed in mm.
+
+    Args:
+        keys: image keys to smooth.
+        iterations: number of flow iterations.
+        time_step: time step of the flow (stable for <= 0.125 in 3D at unit spacing).
+        allow_missing_keys: do not raise when a key is absent.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        iterations: int = 5,
+        time_step: float = 0.0625,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.iterations = iterations
+        self.time_step = time_step
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        import itk
+
+        d = dict(data)
+        for key in _present(self, d):
+            image = d[key]
+            spatial = image.ndim - 1
+            if isinstance(image, MetaTensor):
+                spacing = [float(s) for s in image.pixdim[:spatial]]
+            else:
+                spacing = [1.0] * spatial
+            channels = []
+            for channel in torch.as_tensor(image).detach().cpu().numpy().astype(np.float32):
+                # ITK arrays index (z, y, x): transpose so that ITK's x is the first MONAI axis
+                itk_image = itk.image_from_array(np.ascontiguousarray(channel.T))
+                itk_image.SetSpacing(spacing)
+                smoothed = itk.curvature_flow_image_filter(
+                    itk_image, number_of_iterations=self.iterations, time_step=self.time_step
+                )
+                channels.append(itk.array_from_image(smoothed).T)
+            d[key] = _as_meta(np.stack(channels), image, dtype=torch.float32)
+        return d
+
+
+class CropOrPadInPlaned(MapTransform, InvertibleTransform):
+    """Crop and pad the axial plane (first two spatial axes) to a fixed size, keeping every slice.
+
+    The crop window is centred on the brain mask (``source_key``), so that an off-centre brain is
+    not cut; the axial axis is not changed, so slice ``k`` of the output is slice ``k`` of the input.
+    Both sizes must be divisible by 16 (the encoder's stride). 2D images are cropped/padded the same
+    way.
+
+    Args:
+        keys: keys to crop/pad.
+        spatial_size: in-plane output size ``(X, Y)``.
+        source_key: key of the mask the window is centred on (``None``: centre of the image).
+        allow_missing_keys: do not raise when a key is absent.
+
+    Raises:
+        AEFlowInputError: when a size is not a positive multiple of 16.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "mask", "label"),
+        spatial_size: Sequence[int] | int = (256, 256),
+        source_key: str | None = "mask",
+        allow_missing_keys: bool = True,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        size = (int(spatial_size),) * 2 if isinstance(spatial_size, int) else tuple(int(s) for s in spatial_size)
+        if len(size) != 2 or any(s <= 0 or s % 16 for s in size):
+            raise AEFlowInputError(f"in-plane size must be two positive multiples of 16, got {spatial_size}")
+        self.spatial_size = size
+        self.source_key = source_key
+        self.cropper = Crop()
+        self.padders = {2: SpatialPad(size), 3: SpatialPad((*size, -1))}
+
+    def _window(self, shape: Sequence[int], source: torch.Tensor | None, name: str) -> list[slice]:
+        spatial = list(shape)
+        slices = [slice(0, s) for s in spatial]
+        for axis in range(2):
+            size, length = self.spatial_size[axis], spatial[axis]
+            if length <= size:
+                continue
+            if source is not None and bool(source.any()):
+                other = tuple(a for a in range(source.ndim) if a != axis)
+                nonzero = torch.nonzero(source.any(dim=other)).flatten() if other else torch.nonzero(source)
+                first, last = int(nonzero[0]), int(nonzero[-1]) + 1
+                if last - first > size:
+                    warnings.warn(
+                        f"{name}: the brain extends over {last - first} voxels along axis {axis}, more than "
+                        f"the crop size {size}; resample to 1 mm or choose a larger size",
+                        stacklevel=3,
+                    )
+                centre = (first + last) // 2
+            else:
+                centre = length // 2
+            start = min(max(centre - size // 2, 0), length - size)
+            slices[axis] = slice(start, start + size)
+        return slices
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        keys = list(_present(self, d))
+        if not keys:
+            return d
+        reference = d[keys[0]]
+        source = None
+        if self.source_key is not None and d.get(self.source_key) is not None:
+            source = torch.as_tensor(d[self.source_key])[0] > 0
+        slices = self._window(reference.shape[1:], source, source_name(reference))
+        for key in keys:
+            value = d[key]
+            check_same_spatial_shape(reference, value, other_name=str(key))
+            cropped = self.cropper(value, slices)
+            d[key] = self.padders[value.ndim - 1](cropped)
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in _present(self, d):
+            value = self.padders[d[key].ndim - 1].inverse(d[key])
+            d[key] = self.cropper.inverse(value)
+        return d
+
+
+class ResizeImaged(MapTransform):
+    """Resize 2D images (and their masks) to a fixed size, as for chest X-ray and OCT releases.
+
+    Args:
+        keys: keys to resize; the image uses area/bilinear interpolation, others nearest.
+        spatial_size: output size, each a multiple of 16.
+        image_key: the key resized with interpolation.
+        allow_missing_keys: do not raise when a key is absent.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "mask"),
+        spatial_size: Sequence[int] | int = (256, 256),
+        image_key: str = "image",
+        allow_missing_keys: bool = True,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        size = (int(spatial_size),) * 2 if isinstance(spatial_size, int) else tuple(int(s) for s in spatial_size)
+        if len(size) != 2 or any(s <= 0 or s % 16 for s in size):
+            raise AEFlowInputError(f"image size must be two positive multiples of 16, got {spatial_size}")
+        self.image_key = image_key
+        self.linear = Resize(size, mode="bilinear", anti_aliasing=True)
+        self.nearest = Resize(size, mode="nearest")
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in _present(self, d):
+            value = d[key]
+            if not isinstance(value, torch.Tensor):
+                continue  # e.g. an integer image-level label
+            if key == self.image_key:
+                d[key] = self.linear(value).clamp_(0.0, 1.0)
+            else:
+                d[key] = self.nearest(value.float()).to(value.dtype)
+        return d
+
+
+class BinarizeLabeld(MapTransform):
+    """Turn a lesion label map into a binary uint8 mask: lesion = ``label > threshold``.
+
+    BraTS labels 1, 2, 3 (or 4) all become 1. Integer image-level labels are left as they are.
+
+    Args:
+        keys: label keys.
+        threshold: values above it are lesion.
+        allow_missing_keys: do not raise when a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection = "label", threshold: float = 0.0, allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+        self.threshold = threshold
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in _present(self, d):
+            if isinstance(d[key], torch.Tensor):
+                d[key] = _as_meta(d[key] > self.threshold, d[key], dtype=torch.uint8)
+        return d
+
+
+class CastMasksd(MapTransform):
+    """Store masks as uint8 (0/1) to keep cached volumes small.
+
+    Args:
+        keys: mask keys.
+        allow_missing_keys: do not raise when a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection = ("mask", "label"), allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in _present(self, d):
+            if isinstance(d[key], torch.Tensor):
+                d[key] = _as_meta(d[key] > 0.5, d[key], dtype=torch.uint8)
+        return d
+
+
+class PreprocessingCompose(Compose):
+    """A MONAI ``Compose`` that lets :class:`~monai_aeflow.errors.AEFlowInputError` through unwrapped.
+
+    MONAI wraps any exception raised inside a ``Compose`` in ``RuntimeError("applying transform
+    ...")``; this subclass re-raises the user-input error itself, so that callers (and the command
+    line) can report "file: problem" without a traceback.
+    """
+
+    def __call__(self, input_: Any, *args: Any, **kwargs: Any) -> Any:
+        with reraise_input_errors():
+            return super().__call__(input_, *args, **kwargs)
+
+
+def build_volume_preprocessing(
+    spatial_size: Sequence[int] | int = (256, 256),
+    percentiles: tuple[float, float] = (1.0, 99.0),
+    mask_threshold: float = 0.5,
+    background: float | str | None = "auto",
+    mask_erosion: int = 0,
+    spacing: Sequence[float] | float | None = None,
+    smoothing: bool = False,
+    smoothing_iterations: int = 5,
+    orientation: str = "RAS",
+    image_key: str = "image",
+    mask_key: str = "mask",
+    label_key: str = "label",
+) -> PreprocessingCompose:
+    """The standard preprocessing of brain MRI volumes, from indexer data dicts to [0, 1] volumes.
+
+    Args:
+        spatial_size: in-plane size after crop/pad (multiples of 16).
+        percentiles: clipping percentiles inside the brain mask.
+        mask_threshold: threshold of a loaded (possibly probabilistic) brain mask.
+        background: intensity outside the brain when there is no mask file (see :class:`BrainMaskd`).
+        mask_erosion: erosion iterations of the brain mask.
+        spacing: voxel spacing to resample to (e.g. ``1.0``), ``None`` to keep the input's.
+        smoothing: apply CurvatureFlow smoothing.
+        smoothing_iterations: CurvatureFlow iterations.
+        orientation: axis codes (``"RAS"``: axial slices are the last axis).
+        image_key: key of the image path(s).
+        mask_key: key of the brain mask path (or ``None``).
+        label_key: key of the lesion label path (or ``None``).
+
+    Returns:
+        a :class:`PreprocessingCompose` whose output dicts hold a float32 image ``(C, X, Y, Z)`` in
+        [0, 1], a uint8 brain mask ``(1, X, Y, Z)`` and a uint8 binary lesion label (or ``None``), all
+        MetaTensors.
+
+    Example::
+
+        preprocess = build_volume_preprocessing(spacing=1.0)
+        volume = preprocess(index_brats("/data/BraTS2021", modality="flair")[0])
+    """
+    keys = (image_key, mask_key, label_key)
+    transforms: list[Any] = [
+        LoadImageCheckedd(keys, image_key=image_key, orientation=orientation, spatial_dims=3),
+        BrainMaskd(image_key, mask_key, mask_threshold, background, mask_erosion),
+        BinarizeLabeld(label_key),
+    ]
+    if spacing is not None:
+        transforms.append(ResampleToSpacingd(keys, pixdim=spacing, image_key=image_key))
+    if smoothing:
+        transforms.append(CurvatureFlowd(image_key, iterations=smoothing_iterations))
+    transforms += [
+        ScaleIntensityInMaskd(image_key, mask_key, *percentiles),
+        CropOrPadInPlaned(keys, spatial_size, source_key=mask_key),
+        CastMasksd((mask_key, label_key)),
+    ]
+    return PreprocessingCompose(transforms)
+
+
+def build_image_preprocessing(
+    spatial_size: Sequence[int] | int = (256, 256),
+    percentiles: tuple[float, float] = (1.0, 99.0),
+    grayscale: bool = True,
+    image_key: str = "image",
+    mask_key: str = "mask",
+) -> PreprocessingCompose:
+    """The standard preprocessing of 2D images (chest X-ray, OCT): [0, 1] intensities, fixed size.
+
+    Args:
+        spatial_size: output size (multiples of 16).
+        percentiles: clipping percentiles over the whole image (or inside the mask, if given).
+        grayscale: convert colour images to one channel.
+        image_key: key of the image path.
+        mask_key: key of an optional mask path; a whole-image mask is made when it is ``None``.
+
+    Returns:
+        a :class:`PreprocessingCompose` whose output dicts hold a float32 image ``(C, H, W)`` in [0, 1] and a uint8 mask
+        ``(1, H, W)``; an integer ``label`` passes through.
+    """
+    keys = (image_key, mask_key)
+    return PreprocessingCompose(
+        [
+            LoadImageCheckedd(keys, image_key=image_key, spatial_dims=2, grayscale=grayscale),
+            BrainMaskd(image_key, mask_key, background=None),
+            ScaleIntensityInMaskd(image_key, mask_key, *percentiles),
+            ResizeImaged(keys, spatial_size, image_key=image_key),
+            CastMasksd(mask_key),
+        ]
+    )

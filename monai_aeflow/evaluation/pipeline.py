@@ -1,0 +1,556 @@
+"""The whole evaluation protocol: post-process, choose the threshold on validation, score the test split.
+
+:func:`evaluate_maps` takes validation and test cases (NIfTI paths or arrays of anomaly maps, labels and brain
+masks), runs the brain MRI protocol of the project and returns every metric with the protocol that produced
+it. The threshold comes from the validation split only; the best threshold on the test split is reported
+separately as an oracle upper bound.
+
+Example::
+
+    cases = find_cases("val/maps", "val/labels", "val/masks")
+    result = evaluate_maps(cases, find_cases("test/maps", "test/labels", "test/masks"), EvaluationConfig())
+    result["metrics"]["pixel"]["dice_pooled"]["value"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from monai_aeflow.errors import AEFlowInputError
+from monai_aeflow.evaluation.cases import PreparedCase, prepare_case
+from monai_aeflow.evaluation.io import load_case
+from monai_aeflow.evaluation.metrics import (
+    auroc_from_counts,
+    average_precision_from_counts,
+    bootstrap_ci,
+    classification_metrics,
+    curve_counts,
+    dice_from_counts,
+    roc_points,
+)
+from monai_aeflow.evaluation.postprocess import PostprocessConfig
+from monai_aeflow.evaluation.sweep import SweepCounts, sweep_counts, threshold_grid
+from monai_aeflow.evaluation.thresholds import greedy_threshold_search, pooled_dice_objective, threshold_at_fpr
+
+__all__ = [
+    "RESULT_FORMAT",
+    "THRESHOLD_METHODS",
+    "EvaluationConfig",
+    "prepare_cases",
+    "select_threshold",
+    "evaluate_prepared",
+    "evaluate_maps",
+    "result_to_json",
+]
+
+RESULT_FORMAT = "monai-aeflow-evaluation/1"
+"""Value of the ``format`` key of evaluation results."""
+
+THRESHOLD_METHODS: tuple[str, ...] = ("greedy", "fpr", "fixed")
+"""``greedy``: Dice interval search on validation; ``fpr``: target false-positive rate on validation;
+``fixed``: a threshold given by the user (e.g. one stored with a model)."""
+
+
+@dataclass
+class EvaluationConfig:
+    """Settings of the evaluation protocol.
+
+    Args:
+        postprocess: post-processing of the maps.
+        threshold_method: one of :data:`THRESHOLD_METHODS`.
+        threshold: the threshold for ``threshold_method="fixed"``.
+        greedy_steps: halvings of the greedy interval search.
+        target_fpr: voxel false-positive rate for ``threshold_method="fpr"``.
+        fpr_reference: ``"healthy"``: brain voxels of validation volumes without lesion voxels;
+            ``"normal_voxels"``: brain voxels outside lesions in all validation volumes.
+        n_thresholds: size of the threshold grid of the sweeps (curves, pixel AUROC / AUPRC, oracle).
+        slice_min_brain_fraction: slices with a smaller brain area (fraction of the largest) are left out of
+            slice-level metrics.
+        n_bootstrap: bootstrap resamples for the confidence intervals (0: none).
+        confidence: coverage of the confidence intervals.
+        seed: seed of the bootstrap and of the grid subsample.
+        check_affine: NIfTI map, label and mask must share the voxel grid (affine).
+        reorient: NIfTI arrays are brought to RAS axis order (last axis axial).
+    """
+
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    threshold_method: str = "greedy"
+    threshold: float | None = None
+    greedy_steps: int = 10
+    target_fpr: float = 0.01
+    fpr_reference: str = "healthy"
+    n_thresholds: int = 16384
+    slice_min_brain_fraction: float = 0.0
+    n_bootstrap: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+    check_affine: bool = True
+    reorient: bool = True
+
+    def __post_init__(self) -> None:
+        if self.threshold_method not in THRESHOLD_METHODS:
+            raise AEFlowInputError(
+                f"threshold method must be one of {THRESHOLD_METHODS}, got {self.threshold_method!r}"
+            )
+        if self.threshold_method == "fixed":
+            if self.threshold is None or not np.isfinite(self.threshold) or self.threshold < 0:
+                raise AEFlowInputError("a fixed threshold must be a finite number >= 0 (maps are non-negative)")
+        if self.fpr_reference not in ("healthy", "normal_voxels"):
+            raise AEFlowInputError(f"fpr_reference must be 'healthy' or 'normal_voxels', got {self.fpr_reference!r}")
+        if not 0.0 <= self.target_fpr < 1.0:
+            raise AEFlowInputError(f"target false-positive rate must be in [0, 1), got {self.target_fpr}")
+        if self.greedy_steps < 1 or self.n_thresholds < 2 or self.n_bootstrap < 0:
+            raise AEFlowInputError("greedy_steps >= 1, n_thresholds >= 2 and n_bootstrap >= 0 are required")
+        if not 0.0 < self.confidence < 1.0:
+            raise AEFlowInputError(f"confidence must be in (0, 1), got {self.confidence}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict."""
+        out = asdict(self)
+        out["postprocess"] = self.postprocess.to_dict()
+        return out
+
+
+def _progress(iterable: Any, enabled: bool, desc: str, total: int | None = None, unit: str = "case") -> Any:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False)
+
+
+def prepare_cases(
+    cases: Sequence[Mapping[str, Any]], config: EvaluationConfig, split: str = "test", progress: bool = False
+) -> list[PreparedCase]:
+    """Load and post-process cases.
+
+    Args:
+        cases: case mappings (see :func:`~monai_aeflow.evaluation.io.load_case`).
+        config: evaluation settings.
+        split: split name for messages.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        The prepared cases, in the given order.
+    """
+    prepared: list[PreparedCase] = []
+    names: set[str] = set()
+    for i, case in enumerate(_progress(cases, progress, f"{split} cases", total=len(cases))):
+        if not isinstance(case, Mapping):
+            raise AEFlowInputError(f"{split} case {i} is not a mapping with 'map', 'label' and 'mask'")
+        case = dict(case)
+        case.setdefault("name", f"{split}_{i:04d}")
+        arrays = load_case(case, check_affine=config.check_affine, reorient=config.reorient)
+        if arrays["name"] in names:
+            raise AEFlowInputError(f"two {split} cases are named {arrays['name']!r}")
+        names.add(str(arrays["name"]))
+        prepared.append(prepare_case(arrays, config.postprocess, config.slice_min_brain_fraction, source=case))
+    return prepared
+
+
+def select_threshold(
+    validation: Sequence[PreparedCase], config: EvaluationConfig, progress: bool = False
+) -> dict[str, Any]:
+    """Choose the binarisation threshold on the validation split (or take the fixed one).
+
+    Args:
+        validation: prepared validation cases (unused for ``fixed``).
+        config: evaluation settings.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        ``{"value", "method", "source", ...}``: the threshold and how it was chosen.
+
+    Raises:
+        AEFlowInputError: no validation cases, empty validation labels (greedy), no normal voxels (fpr).
+    """
+    pp = config.postprocess
+    if config.threshold_method == "fixed":
+        return {"value": float(config.threshold), "method": "fixed", "source": "given by the user"}
+    if not validation:
+        raise AEFlowInputError(f"the {config.threshold_method!r} threshold needs a validation split")
+    names = [c.name for c in validation]
+    if config.threshold_method == "greedy":
+        objective = pooled_dice_objective(validation, pp)
+        high = max(c.max_score() for c in validation)
+        bar = _progress(range(config.greedy_steps), progress, "threshold search", unit="step")
+        calls = {"n": 0}
+
+        def tracked(t: float) -> float:
+            calls["n"] += 1
+            if progress and calls["n"] % 2 == 0:
+                bar.update(1)
+            return objective(t)
+
+        res = greedy_threshold_search(tracked, high=high, low=0.0, steps=config.greedy_steps)
+        if progress:
+            bar.close()
+        return {
+            "value": res.threshold,
+            "method": "greedy",
+            "source": "validation split",
+            "objective": "pooled Dice of the post-processed, binarised and cleaned validation maps",
+            "search_interval": [res.low, res.high],
+            "steps": res.steps,
+            "final_step_width": res.step_width,
+            "validation_dice_pooled": res.score,
+            "trace": [[t, v] for t, v in res.trace],
+            "validation_cases": names,
+        }
+    if config.fpr_reference == "healthy":
+        healthy = [c for c in validation if not c.volume_label]
+        if not healthy:
+            raise AEFlowInputError(
+                "no healthy validation volumes (without lesion voxels) for the false-positive-rate threshold; "
+                "use the 'normal_voxels' reference to use the normal voxels of all validation volumes"
+            )
+        normal = [c.brain_scores() for c in healthy]
+        reference = "brain voxels of healthy validation volumes"
+    else:
+        normal = [c.brain_scores()[~c.brain_labels()] for c in validation]
+        reference = "brain voxels outside lesions in all validation volumes"
+    t, achieved = threshold_at_fpr(normal, config.target_fpr)
+    counts = np.array([c.counts_at(t, pp) for c in validation], dtype=np.int64).sum(0)
+    return {
+        "value": t,
+        "method": "fpr",
+        "source": "validation split",
+        "target_fpr": config.target_fpr,
+        "achieved_fpr": achieved,
+        "reference_voxels": reference,
+        "validation_dice_pooled": float(dice_from_counts(*counts)),
+        "validation_cases": names,
+    }
+
+
+def _metric(value: float, low: float = float("nan"), high: float = float("nan")) -> dict[str, float]:
+    return {"value": float(value), "ci_low": float(low), "ci_high": float(high)}
+
+
+def _split_sweep(cases: Sequence[PreparedCase], n_thresholds: int, seed: int) -> tuple[SweepCounts, SweepCounts]:
+    """Sweeps over brain voxels and over all stored voxels, on the split's own grid."""
+    grid = threshold_grid([c.scores for c in cases], n_thresholds, seed=seed)
+    brain = sweep_counts([c.brain_scores() for c in cases], [c.brain_labels() for c in cases], grid)
+    extra = sweep_counts([c.scores[c.n_brain :] for c in cases], [c.labels[c.n_brain :] for c in cases], grid)
+    return brain, brain + extra
+
+
+def _dice_curves(support: SweepCounts, lesion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pooled = dice_from_counts(support.tp.sum(0), support.fp.sum(0), support.fn.sum(0))
+    if lesion.any():
+        per_volume = dice_from_counts(support.tp[lesion], support.fp[lesion], support.fn[lesion])
+        mean = np.nanmean(per_volume, axis=0)
+    else:
+        mean = np.full(pooled.shape, np.nan)
+    return pooled, mean
+
+
+def _pixel_metrics(brain: SweepCounts, config: EvaluationConfig) -> dict[str, dict[str, float]]:
+    # Decreasing thresholds: reverse the grid axis.
+    tp, fp = brain.tp[:, ::-1], brain.fp[:, ::-1]
+
+    def stat(idx: np.ndarray) -> np.ndarray:
+        w = np.bincount(idx, minlength=tp.shape[0]).astype(np.float64)
+        ptp, pfp = w @ tp, w @ fp
+        n_pos, n_neg = w @ brain.n_pos, w @ brain.n_neg
+        if n_pos == 0 or n_neg == 0:
+            return np.array([np.nan, np.nan])
+        return np.array(
+            [auroc_from_counts(ptp, pfp, n_pos, n_neg), average_precision_from_counts(ptp, pfp, n_pos, n_neg)]
+        )
+
+    point = stat(np.arange(tp.shape[0]))
+    low, high = bootstrap_ci(stat, tp.shape[0], config.n_bootstrap, config.confidence, config.seed)
+    return {"auroc": _metric(point[0], low[0], high[0]), "auprc": _metric(point[1], low[1], high[1])}
+
+
+def _dice_metrics(counts: np.ndarray, config: EvaluationConfig) -> dict[str, dict[str, float]]:
+    """Pooled Dice (DICE_T) and mean / std of per-volume Dice (DICE_S) over volumes with lesions."""
+    per = dice_from_counts(counts[:, 0], counts[:, 1], counts[:, 2])
+    lesion = counts[:, 0] + counts[:, 2] > 0
+
+    def stat(idx: np.ndarray) -> np.ndarray:
+        c = counts[idx].sum(0)
+        sel = idx[lesion[idx]]
+        mean = float(np.mean(per[sel])) if sel.size else np.nan
+        return np.array([float(dice_from_counts(*c)), mean])
+
+    point = stat(np.arange(len(counts)))
+    low, high = bootstrap_ci(stat, len(counts), config.n_bootstrap, config.confidence, config.seed)
+    std = float(np.std(per[lesion])) if lesion.any() else float("nan")
+    return {
+        "dice_pooled": _metric(point[0], low[0], high[0]),
+        "dice_mean": _metric(point[1], low[1], high[1]),
+        "dice_std": _metric(std),
+    }
+
+
+def _thin(*arrays: np.ndarray, max_points: int = 1000) -> list[np.ndarray]:
+    n = len(arrays[0])
+    if n <= max_points:
+        return [np.asarray(a) for a in arrays]
+    idx = np.unique(np.linspace(0, n - 1, max_points).round().astype(int))
+    return [np.asarray(a)[idx] for a in arrays]
+
+
+def _classification_curves(scores: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray] | None:
+    _, tp, fp, n_pos, n_neg = curve_counts(scores, labels)
+    if n_pos == 0 or n_neg == 0:
+        return None
+    fpr, tpr = roc_points(tp, fp, n_pos, n_neg)
+    recall = tp / n_pos
+    precision = tp / np.maximum(tp + fp, 1)
+    return {"fpr": fpr, "tpr": tpr, "recall": recall, "precision": precision}
+
+
+def _figure_cases(test: Sequence[PreparedCase], dice: np.ndarray, threshold: float, config: EvaluationConfig):
+    lesion = np.flatnonzero([c.volume_label for c in test])
+    if lesion.size == 0:
+        return []
+    order = lesion[np.argsort(np.nan_to_num(dice[lesion], nan=-1.0), kind="stable")[::-1]]
+    picks = {"best": order[0], "median": order[len(order) // 2], "worst": order[-1]}
+    out = []
+    for role, i in picks.items():
+        case = test[i]
+        z = case.show_slice
+        entry = {
+            "role": role,
+            "name": case.name,
+            "dice": float(dice[i]),
+            "slice": int(z),
+            "map": case.score_volume()[..., z],
+            "label": case.label_volume()[..., z],
+            "prediction": case.prediction_volume(threshold, config.postprocess)[..., z],
+            "image": None,
+            "reconstruction": None,
+        }
+        src = case.source or {}
+        if src.get("image") is not None or src.get("reconstruction") is not None:
+            try:
+                arrays = load_case(src, check_affine=config.check_affine, reorient=config.reorient)
+            except AEFlowInputError:
+                arrays = {}
+            for key in ("image", "reconstruction"):
+                vol = arrays.get(key)
+                if vol is not None:
+                    vol = vol[..., None] if vol.ndim == 2 else vol
+                    entry[key] = vol[..., z]
+        out.append(entry)
+    return out
+
+
+def evaluate_prepared(
+    validation: Sequence[PreparedCase],
+    test: Sequence[PreparedCase],
+    config: EvaluationConfig,
+    image_scores: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run the protocol on prepared cases (see :func:`evaluate_maps`).
+
+    Args:
+        validation: prepared validation cases (may be empty for a fixed threshold).
+        test: prepared test cases.
+        config: evaluation settings.
+        image_scores: optional image-level scores ``{"scores", "labels"}`` (e.g. the AE-FLOW image score per
+            slice or per 2D image) for the image-level metrics.
+        progress: show progress bars on stderr.
+
+    Returns:
+        The result dict (see :func:`evaluate_maps`).
+    """
+    if not test:
+        raise AEFlowInputError("the test split has no cases")
+    if image_scores is not None:
+        s_img = np.asarray(image_scores["scores"], dtype=np.float64)
+        y_img = np.asarray(image_scores["labels"], dtype=bool)
+        if s_img.shape != y_img.shape or s_img.ndim != 1:
+            raise AEFlowInputError("image scores and labels must be 1D arrays of the same length")
+    pp = config.postprocess
+    threshold_info = select_threshold(validation, config, progress)
+    t = float(threshold_info["value"])
+
+    # Full pipeline at the validated threshold.
+    counts = np.array(
+        [c.counts_at(t, pp) for c in _progress(test, progress, "test Dice", total=len(test))], dtype=np.int64
+    ).reshape(-1, 3)
+    per_dice = dice_from_counts(counts[:, 0], counts[:, 1], counts[:, 2])
+    pixel = _dice_metrics(counts, config)
+
+    # Sweeps on the test split's own grid: pixel AUROC / AUPRC, Dice curves, oracle.
+    lesion = np.array([c.volume_label for c in test])
+    brain, support = _split_sweep(test, config.n_thresholds, config.seed)
+    pixel.update(_pixel_metrics(brain, config))
+    pooled_curve, mean_curve = _dice_curves(support, lesion)
+    pixel["n_volumes"] = _metric(len(test))
+    pixel["n_volumes_with_lesions"] = _metric(int(lesion.sum()))
+    pixel["n_brain_voxels"] = _metric(int(brain.n_pos.sum() + brain.n_neg.sum()))
+    pixel["n_lesion_voxels"] = _metric(int(support.n_pos.sum()))
+
+    oracle: dict[str, Any] = {}
+    if np.isfinite(pooled_curve).any():
+        k = int(np.nanargmax(pooled_curve))
+        t_oracle = float(support.thresholds[k])
+        oc = np.array([c.counts_at(t_oracle, pp) for c in test], dtype=np.int64).reshape(-1, 3)
+        od = dice_from_counts(oc[:, 0], oc[:, 1], oc[:, 2])
+        oracle = {
+            "threshold": _metric(t_oracle),
+            "dice_pooled": _metric(float(dice_from_counts(*oc.sum(0)))),
+            "dice_mean": _metric(float(np.nanmean(od[lesion])) if lesion.any() else float("nan")),
+            "dice_pooled_before_component_removal": _metric(float(pooled_curve[k])),
+        }
+
+    slice_scores = np.concatenate([c.slice_scores for c in test])
+    slice_labels = np.concatenate([c.slice_labels for c in test])
+    slice_groups = np.concatenate([np.full(c.slice_scores.size, i) for i, c in enumerate(test)])
+    vol_scores = np.array([c.volume_score for c in test])
+    boot = {"n_bootstrap": config.n_bootstrap, "confidence": config.confidence, "seed": config.seed}
+    metrics: dict[str, Any] = {
+        "pixel": pixel,
+        "oracle": oracle,
+        "slice": classification_metrics(slice_scores, slice_labels, groups=slice_groups, **boot),
+        "volume": classification_metrics(vol_scores, lesion, **boot),
+    }
+    curves: dict[str, Any] = {}
+    if image_scores is not None:
+        metrics["image"] = classification_metrics(s_img, y_img, **boot)
+        curves["image"] = _classification_curves(s_img, y_img)
+        curves["image_scores"] = (s_img, y_img)
+
+    # Curves for reports.
+    rev_tp, rev_fp = brain.tp.sum(0)[::-1], brain.fp.sum(0)[::-1]
+    n_pos, n_neg = int(brain.n_pos.sum()), int(brain.n_neg.sum())
+    if n_pos and n_neg:
+        fpr, tpr = roc_points(rev_tp, rev_fp, n_pos, n_neg)
+        some = rev_tp + rev_fp > 0
+        precision = rev_tp[some] / (rev_tp + rev_fp)[some]
+        curves["pixel"] = dict(zip(("fpr", "tpr"), _thin(fpr, tpr), strict=True))
+        curves["pixel"].update(dict(zip(("recall", "precision"), _thin(rev_tp[some] / n_pos, precision), strict=True)))
+    curves["slice"] = _classification_curves(slice_scores, slice_labels)
+    curves["volume"] = _classification_curves(vol_scores, lesion)
+    curves["slice_scores"] = (slice_scores, slice_labels)
+    curves["volume_scores"] = (vol_scores, lesion)
+    # Pixel score histograms (normal / lesion voxels) on the grid: counts in (t_j, t_j+1].
+    # Scores at or below the lowest grid value go to the first bin.
+    hist_lesion, hist_normal = -np.diff(brain.tp.sum(0)), -np.diff(brain.fp.sum(0))
+    if hist_lesion.size:
+        hist_lesion[0] += n_pos - brain.tp.sum(0)[0]
+        hist_normal[0] += n_neg - brain.fp.sum(0)[0]
+    curves["pixel_hist"] = {"edges": support.thresholds, "lesion": hist_lesion, "normal": hist_normal}
+    thr_t, pooled_t, mean_t = _thin(support.thresholds, pooled_curve, mean_curve)
+    curves["dice_vs_threshold"] = {"test": {"threshold": thr_t, "dice_pooled": pooled_t, "dice_mean": mean_t}}
+    if validation:
+        v_lesion = np.array([c.volume_label for c in validation])
+        _, v_support = _split_sweep(validation, config.n_thresholds, config.seed)
+        v_pooled, v_mean = _dice_curves(v_support, v_lesion)
+        thr_v, pooled_v, mean_v = _thin(v_support.thresholds, v_pooled, v_mean)
+        curves["dice_vs_threshold"]["validation"] = {"threshold": thr_v, "dice_pooled": pooled_v, "dice_mean": mean_v}
+
+    case_rows = []
+    for c, (tp, fp, fn), d in zip(test, counts, per_dice, strict=True):
+        case_rows.append(
+            {
+                "name": c.name,
+                "split": "test",
+                "has_lesion": bool(c.volume_label),
+                "n_lesion_voxels": int(tp + fn),
+                "n_predicted_voxels": int(tp + fp),
+                "tp": int(tp),
+                "fp": int(fp),
+                "fn": int(fn),
+                "dice": float(d),
+                "volume_score": float(c.volume_score),
+            }
+        )
+
+    protocol = {
+        "splits": {
+            "validation": {
+                "n_volumes": len(validation),
+                "n_volumes_with_lesions": int(sum(c.volume_label for c in validation)),
+                "cases": [c.name for c in validation],
+            },
+            "test": {
+                "n_volumes": len(test),
+                "n_volumes_with_lesions": int(lesion.sum()),
+                "cases": [c.name for c in test],
+            },
+        },
+        "postprocessing": pp.to_dict(),
+        "binarisation": "a voxel is abnormal when its post-processed score is > threshold; then small components go",
+        "threshold": threshold_info,
+        "dice": "dice_pooled (DICE_T): one Dice over all test voxels; dice_mean +- dice_std (DICE_S): per test "
+        "volume with lesion voxels",
+        "pixel_auc": f"pooled over the brain-mask voxels of the test split, on a grid of {support.thresholds.size} "
+        "thresholds (exact when the scores take no more distinct values)",
+        "oracle": "best pooled Dice over the threshold grid on the test split's own labels: an upper bound, "
+        "not a validated result",
+        "slice_score": "mean post-processed score over the brain voxels of each axial slice; abnormal when the "
+        "slice contains lesion voxels",
+        "slice_min_brain_fraction": config.slice_min_brain_fraction,
+        "volume_score": "mean post-processed score over the brain mask; abnormal when the volume has lesion voxels",
+        "classification_threshold": "F1, ACC, SEN, SPE at the threshold of best F1 on the test split (the AE-FLOW "
+        "paper's protocol); AUC = auroc",
+        "bootstrap": {
+            **boot,
+            "method": "percentile",
+            "unit": "volume (slices resampled with their volume); image for image-level metrics",
+        },
+        "config": config.to_dict(),
+    }
+    result = {
+        "format": RESULT_FORMAT,
+        "protocol": protocol,
+        "metrics": metrics,
+        "cases": case_rows,
+        "curves": curves,
+        "figure_cases": _figure_cases(test, per_dice, t, config),
+    }
+    return result
+
+
+def evaluate_maps(
+    validation_cases: Sequence[Mapping[str, Any]] | None,
+    test_cases: Sequence[Mapping[str, Any]],
+    config: EvaluationConfig | None = None,
+    image_scores: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate anomaly maps with the brain MRI protocol.
+
+    Each case is a mapping with ``"map"`` (the residual or anomaly map; or ``"image"`` and
+    ``"reconstruction"``), ``"label"`` (lesion label, ``> 0`` is lesion) and ``"mask"`` (brain mask, ``> 0.5``)
+    given as NIfTI paths or arrays of the same shape, last axis axial, and an optional ``"name"``. The
+    threshold is chosen on ``validation_cases`` only.
+
+    Args:
+        validation_cases: the labelled validation split (``None`` or empty for a fixed threshold).
+        test_cases: the test split.
+        config: evaluation settings (defaults: :class:`EvaluationConfig`).
+        image_scores: optional ``{"scores", "labels"}`` image-level scores for the image-level metrics.
+        progress: show progress bars on stderr.
+
+    Returns:
+        ``{"format", "protocol", "metrics", "cases", "curves", "figure_cases"}``: ``metrics`` holds
+        ``pixel`` (``dice_pooled``, ``dice_mean``, ``dice_std``, ``auroc``, ``auprc``), ``oracle``, ``slice``,
+        ``volume`` (and ``image``), each metric as ``{"value", "ci_low", "ci_high"}``; ``curves`` and
+        ``figure_cases`` hold arrays for :func:`~monai_aeflow.evaluation.report.write_report`
+        (:func:`result_to_json` leaves them out).
+    """
+    config = config or EvaluationConfig()
+    validation = (
+        prepare_cases(validation_cases, config, "validation", progress)
+        if validation_cases and config.threshold_method != "fixed"
+        else []
+    )
+    test = prepare_cases(test_cases, config, "test", progress)
+    return evaluate_prepared(validation, test, config, image_scores=image_scores, progress=progress)
+
+
+def result_to_json(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON part of a result: format, protocol, metrics and per-case rows (no arrays)."""
+    return {k: result[k] for k in ("format", "protocol", "metrics", "cases") if k in result}

@@ -6,8 +6,9 @@ import json
 
 import nibabel as nib
 import numpy as np
-from aeflow_cli.main import cli
 from click.testing import CliRunner
+
+from aeflow_cli.main import cli
 
 
 def test_demo_tiny(tmp_path):

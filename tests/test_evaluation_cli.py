@@ -10,11 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from aeflow_cli.evaluate import evaluate
 from click.testing import CliRunner
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
+from aeflow_cli.evaluate import evaluate
 from monai_aeflow.errors import CheckpointError
 from monai_aeflow.evaluation.checkpoint import save_threshold
 

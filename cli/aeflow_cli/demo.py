@@ -13,9 +13,7 @@ from aeflow_cli.common import run_guarded
 @click.option("--out", "output_dir", default="aeflow_demo", show_default=True, help="Output folder.")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--n-train", default=8, show_default=True, type=click.IntRange(1), help="Healthy training subjects.")
-@click.option(
-    "--shape", default=(128, 128, 64), show_default=True, type=(int, int, int), help="Volume shape (X Y Z)."
-)
+@click.option("--shape", default=(128, 128, 64), show_default=True, type=(int, int, int), help="Volume shape (X Y Z).")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--lr", default=1e-3, show_default=True, type=float)
 @click.option("--backbone", default="resnet18", show_default=True, type=click.Choice(["resnet18", "wide_resnet50_2"]))

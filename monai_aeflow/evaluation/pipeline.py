@@ -312,9 +312,12 @@ def _figure_cases(test: Sequence[PreparedCase], dice: np.ndarray, threshold: flo
     if lesion.size == 0:
         return []
     order = lesion[np.argsort(np.nan_to_num(dice[lesion], nan=-1.0), kind="stable")[::-1]]
-    picks = {"best": order[0], "median": order[len(order) // 2], "worst": order[-1]}
+    picks: dict[int, list[str]] = {}
+    for role, i in (("best", order[0]), ("median", order[len(order) // 2]), ("worst", order[-1])):
+        picks.setdefault(int(i), []).append(role)
     out = []
-    for role, i in picks.items():
+    for i, roles in picks.items():
+        role = ", ".join(roles)
         case = test[i]
         z = case.show_slice
         entry = {

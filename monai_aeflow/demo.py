@@ -29,7 +29,7 @@ from monai_aeflow.engines.workflow import TrainingConfig, resolve_device, train
 from monai_aeflow.errors import AEFlowInputError
 from monai_aeflow.inference.volume import score_volume
 from monai_aeflow.networks.aeflow import AEFlow
-from monai_aeflow.visualize import save_slice_panel
+from monai_aeflow.visualize import most_anomalous_slices, save_slice_panel
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -46,6 +46,7 @@ class DemoConfig:
         n_val_healthy: healthy validation subjects.
         n_val_lesion: lesioned validation subjects.
         n_test: lesioned test subjects.
+        n_test_healthy: healthy test subjects (their slices are the negatives of the slice-level AUROC).
         shape: volume shape (in-plane sizes must be multiples of 16).
         spacing: voxel size in mm.
         epochs: training epochs.
@@ -61,12 +62,13 @@ class DemoConfig:
     """
 
     output_dir: str = "aeflow_demo"
-    n_train: int = 8
+    n_train: int = 6
     n_val_healthy: int = 1
     n_val_lesion: int = 2
     n_test: int = 2
-    shape: tuple[int, int, int] = (128, 128, 64)
-    spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)
+    n_test_healthy: int = 1
+    shape: tuple[int, int, int] = (64, 64, 48)
+    spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
     epochs: int = 10
     batch_size: int = 16
     lr: float = 1e-3
@@ -136,7 +138,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
         raise AEFlowInputError(f"in-plane shape {cfg.shape[:2]} must be multiples of 16")
     device = resolve_device(cfg.device)
 
-    n_healthy = cfg.n_train + cfg.n_val_healthy
+    n_healthy = cfg.n_train + cfg.n_val_healthy + cfg.n_test_healthy
     n_lesion = cfg.n_val_lesion + cfg.n_test
     say(f"[1/4] generating {n_healthy} healthy and {n_lesion} lesioned synthetic subjects in {data_dir}")
     cohort = generate_cohort(
@@ -146,8 +148,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
     lesioned = [c for c in cohort if not c["healthy"]]
     splits = {
         "train": healthy[: cfg.n_train],
-        "val": healthy[cfg.n_train :] + lesioned[: cfg.n_val_lesion],
-        "test": lesioned[cfg.n_val_lesion :],
+        "val": healthy[cfg.n_train : cfg.n_train + cfg.n_val_healthy] + lesioned[: cfg.n_val_lesion],
+        "test": healthy[cfg.n_train + cfg.n_val_healthy :] + lesioned[cfg.n_val_lesion :],
     }
     preprocessing = {"spatial_size": list(cfg.shape[:2]), "percentiles": [1.0, 99.0], "orientation": "RAS"}
     preprocess = build_volume_preprocessing(spatial_size=cfg.shape[:2])
@@ -187,7 +189,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
     say("[3/4] scoring the lesioned test volumes")
     model, ckpt = load_model(summary["model_path"], device)
     beta = ckpt["config"]["score"]["beta"]
-    slice_scores, slice_truth, pix_scores, pix_truth = [], [], [], []
+    slice_scores, slice_truth, slice_area, slice_healthy_subject, pix_scores, pix_truth = [], [], [], [], [], []
     outputs = []
     for rec, vol in zip(splits["test"], volumes["test"], strict=True):
         image = vol["image"].as_subclass(torch.Tensor)
@@ -197,15 +199,21 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
         result = score_volume(model, image, batch_size=cfg.batch_size * 2, beta=beta)
         slice_scores.append(result.slice_scores[keep])
         slice_truth.append(truth[..., keep].reshape(-1, len(keep)).any(0))
-        pix_scores.append(result.anomaly_map[mask])
-        pix_truth.append(truth[mask])
+        slice_area.append(truth[..., keep].reshape(-1, len(keep)).sum(0))
+        slice_healthy_subject.append(np.full(len(keep), bool(rec["healthy"])))
+        if not rec["healthy"]:
+            pix_scores.append(result.anomaly_map[mask])
+            pix_truth.append(truth[mask])
         src = nib.load(rec["image"])
         if src.shape != result.anomaly_map.shape:
             raise RuntimeError(f"anomaly map shape {result.anomaly_map.shape} differs from the input {src.shape}")
         map_path = res_dir / f"{rec['subject_id']}_anomaly.nii.gz"
         _save_nifti_atomic(result.anomaly_map.astype(np.float32), src.affine, map_path)
         lesion_area = truth.reshape(-1, truth.shape[-1]).sum(0)
-        show = sorted(np.argsort(lesion_area)[::-1][:4].tolist())
+        if lesion_area.any():
+            show = sorted(np.argsort(lesion_area)[::-1][:4].tolist())
+        else:
+            show = most_anomalous_slices(result.slice_scores, 4)
         panel = save_slice_panel(
             res_dir / f"{rec['subject_id']}_panel.png",
             image[0].numpy(),
@@ -219,12 +227,17 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
         outputs.append({"subject_id": rec["subject_id"], "anomaly_map": str(map_path), "panel": str(panel)})
 
     st, ss = np.concatenate(slice_truth), np.concatenate(slice_scores)
+    sa, sh = np.concatenate(slice_area), np.concatenate(slice_healthy_subject)
+    clear = sh | (sa >= 30)  # healthy-subject slices against slices with >= 30 lesion pixels
     pt, ps = np.concatenate(pix_truth), np.concatenate(pix_scores)
     metrics = {
         "test_subjects": [o["subject_id"] for o in outputs],
         "test_slices": int(st.size),
         "test_lesioned_slices": int(st.sum()),
         "slice_auroc": float(roc_auc_score(st, ss)) if 0 < st.sum() < st.size else None,
+        "slice_auroc_healthy_subjects_vs_lesion_ge30px": (
+            float(roc_auc_score(st[clear], ss[clear])) if 0 < st[clear].sum() < clear.sum() else None
+        ),
         "pixel_auroc_brain": float(roc_auc_score(pt, ps)) if 0 < pt.sum() < pt.size else None,
         "best_val_slice_auroc": summary.get("best_val_auroc"),
         "train_slices": len(train_items),
@@ -241,7 +254,11 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
     metrics_path = res_dir / "metrics.json"
     _write_json_atomic(metrics, metrics_path)
     say("[4/4] done")
-    say(f"      test slice AUROC {metrics['slice_auroc']:.3f}, pixel AUROC (brain) {metrics['pixel_auroc_brain']:.3f}")
+    say(
+        f"      test slice AUROC {metrics['slice_auroc']:.3f} (all slices), "
+        f"{metrics['slice_auroc_healthy_subjects_vs_lesion_ge30px']:.3f} (healthy subjects vs slices with >= 30 "
+        f"lesion pixels); pixel AUROC (brain) {metrics['pixel_auroc_brain']:.3f}"
+    )
     say(f"      model:        {summary['model_path']}")
     for o in outputs:
         say(f"      anomaly map:  {o['anomaly_map']}")

@@ -78,7 +78,7 @@ class TrainingConfig:
         resume: a training checkpoint to resume from (network, optimiser and epoch counter).
         epoch_length: iterations per epoch (default: the loader's length).
         grid_images: rows of the TensorBoard image grid.
-        progress: show a progress bar.
+        progress: show a progress bar and per-epoch metrics on the console.
         checkpoint_every: save a resumable checkpoint every this many epochs.
         seed: seed of ``torch`` before the run.
         preprocessing: the preprocessing configuration, stored in the model file for inference.
@@ -170,9 +170,10 @@ def create_engines(
         return dict(zip(("train/loss", "train/loss_flow", "train/loss_recon"), loss_transform(output), strict=True))
 
     TensorBoardStatsHandler(summary_writer=writer, output_transform=_losses, epoch_log=False).attach(trainer)
-    StatsHandler(
-        name="monai_aeflow.train", output_transform=from_engine(["loss"], first=True), iteration_log=False
-    ).attach(trainer)
+    if config.progress:
+        StatsHandler(
+            name="monai_aeflow.train", output_transform=from_engine(["loss"], first=True), iteration_log=False
+        ).attach(trainer)
     LearningRateLogger(writer, optimizer).attach(trainer)
 
     evaluator = None
@@ -194,12 +195,13 @@ def create_engines(
             output_transform=lambda x: None,
             global_epoch_transform=lambda _: trainer.state.epoch,
         ).attach(evaluator)
-        StatsHandler(
-            name="monai_aeflow.validate",
-            iteration_log=False,
-            output_transform=lambda x: None,
-            global_epoch_transform=lambda _: trainer.state.epoch,
-        ).attach(evaluator)
+        if config.progress:
+            StatsHandler(
+                name="monai_aeflow.validate",
+                iteration_log=False,
+                output_transform=lambda x: None,
+                global_epoch_transform=lambda _: trainer.state.epoch,
+            ).attach(evaluator)
         ImageGridHandler(writer, config.grid_images, global_step_transform=lambda _: trainer.state.epoch).attach(
             evaluator
         )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from monai_aeflow.errors import CheckpointError
+from monai_aeflow.fileio import atomic_write
 from monai_aeflow.networks.aeflow import AEFlow
 
 __all__ = ["FORMAT", "atomic_torch_save", "save_model", "read_checkpoint", "load_model"]
@@ -41,17 +41,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     Returns:
         The destination path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_model(

@@ -5,10 +5,7 @@ Used by ``aeflow-cli demo``; every step uses the package's own data, engine, inf
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,6 +24,7 @@ from monai_aeflow.data.synthetic import generate_cohort
 from monai_aeflow.data.transforms import build_volume_preprocessing
 from monai_aeflow.engines.workflow import TrainingConfig, resolve_device, train
 from monai_aeflow.errors import AEFlowInputError
+from monai_aeflow.fileio import atomic_write, atomic_write_json
 from monai_aeflow.inference.volume import score_volume
 from monai_aeflow.networks.aeflow import AEFlow
 from monai_aeflow.visualize import most_anomalous_slices, save_slice_panel
@@ -83,24 +81,6 @@ class DemoConfig:
 
 def _slice_items(volumes: Sequence[dict], min_fraction: float, healthy_only: bool) -> list[dict]:
     return list(SliceDataset(volumes, min_area_fraction=min_fraction, healthy_only=healthy_only))
-
-
-def _save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(nib.Nifti1Image(array, affine), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _network(cfg: DemoConfig, say: Callable[[str], None]) -> tuple[AEFlow, str]:
@@ -208,7 +188,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
         if src.shape != result.anomaly_map.shape:
             raise RuntimeError(f"anomaly map shape {result.anomaly_map.shape} differs from the input {src.shape}")
         map_path = res_dir / f"{rec['subject_id']}_anomaly.nii.gz"
-        _save_nifti_atomic(result.anomaly_map.astype(np.float32), src.affine, map_path)
+        img = nib.Nifti1Image(result.anomaly_map.astype(np.float32), src.affine)
+        atomic_write(map_path, lambda tmp, img=img: nib.save(img, tmp))
         lesion_area = truth.reshape(-1, truth.shape[-1]).sum(0)
         if lesion_area.any():
             show = sorted(np.argsort(lesion_area)[::-1][:4].tolist())
@@ -252,7 +233,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
         "outputs": outputs,
     }
     metrics_path = res_dir / "metrics.json"
-    _write_json_atomic(metrics, metrics_path)
+    atomic_write_json(metrics_path, metrics)
     say("[4/4] done")
     say(
         f"      test slice AUROC {metrics['slice_auroc']:.3f} (all slices), "

@@ -110,7 +110,7 @@ def test_evaluate_end_to_end(splits, tmp_path):
         "cases.png",
     ):
         assert (out / name).stat().st_size > 0, name
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.glob(".*"))  # no hidden temporary file left
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     dice_row = next(r for r in rows if r["level"] == "pixel" and r["metric"] == "dice_pooled")
     assert dice_row["threshold_source"] == "greedy Dice search on the validation split"

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import torchio as tio
 from scipy import ndimage
 
 from monai_aeflow.errors import AEFlowInputError
+from monai_aeflow.fileio import atomic_write
 
 __all__ = [
     "SyntheticSubject",
@@ -542,18 +542,12 @@ def make_subject(
 
 def _atomic_save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, dtype: type) -> None:
     """Write a NIfTI file under a temporary name in the same folder, then rename it into place."""
-    tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.{uuid.uuid4().hex[:8]}.tmp.nii.gz")
     img = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
     img.set_data_dtype(dtype)
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 def generate_cohort(
@@ -629,17 +623,15 @@ def generate_cohort(
         rows.append({"subject_id": sid, **names, "healthy": int(healthy), "contrast": contrast})
 
     csv_path = out / "cohort.csv"
-    tmp = csv_path.with_name(f".cohort.{uuid.uuid4().hex[:8]}.tmp.csv")
     fields = ["subject_id", "image", "brain_mask", "head_mask", "label", "healthy", "contrast"]
-    try:
+
+    def write_csv(tmp: str) -> None:
         with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, csv_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write(csv_path, write_csv)
     return records
 
 

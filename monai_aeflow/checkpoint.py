@@ -4,7 +4,8 @@ A model file is a dict of tensors, strings and numbers saved with ``torch.save``
 ``torch.load(..., weights_only=True)``, so a crafted file cannot execute code when it is opened::
 
     {"format": "monai-aeflow/1",
-     "config": {"model": {...AEFlow kwargs...}, "preprocessing": {...}, "score": {...}, "training": {...}},
+     "config": {"model": {...network kwargs...}, "model_name": "aeflow", "preprocessing": {...},
+                "score": {...}, "training": {...}},
      "network": state_dict,
      "threshold": float | None,
      "threshold_protocol": {...}}
@@ -14,6 +15,7 @@ Training checkpoints written by the engine (``network``, ``optimizer``, ``traine
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 from collections.abc import Mapping
@@ -24,7 +26,7 @@ import torch
 
 from monai_aeflow.errors import CheckpointError
 from monai_aeflow.fileio import atomic_write
-from monai_aeflow.networks.aeflow import AEFlow
+from monai_aeflow.models import build_network, get_model_spec, model_name_of
 
 __all__ = ["FORMAT", "atomic_torch_save", "save_model", "read_checkpoint", "load_model"]
 
@@ -45,7 +47,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def save_model(
-    network: AEFlow,
+    network: torch.nn.Module,
     path: str | os.PathLike,
     config: Mapping[str, Any] | None = None,
     threshold: float | None = None,
@@ -65,6 +67,7 @@ def save_model(
     """
     cfg = dict(config or {})
     cfg["model"] = dict(network.hparams)
+    cfg["model_name"] = model_name_of(network)
     record = {
         "format": FORMAT,
         "config": cfg,
@@ -111,8 +114,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return dict(ckpt)
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[AEFlow, dict[str, Any]]:
-    """Rebuild an :class:`AEFlow` from a checkpoint and load its weights.
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the registered model (AE-FLOW or a baseline) stored in a checkpoint and load its weights.
 
     Args:
         path: a model file or a training checkpoint.
@@ -126,8 +129,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     """
     ckpt = read_checkpoint(path)
     hparams = dict(ckpt["config"]["model"])
+    name = ckpt["config"].get("model_name", "aeflow")
     try:
-        net = AEFlow(backbone_weights=None, **hparams)
+        spec = get_model_spec(name)
+        if "backbone_weights" in inspect.signature(spec.network_cls).parameters:
+            hparams["backbone_weights"] = None  # the checkpoint holds the weights; never download
+        net = build_network(name, **hparams)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"invalid model configuration in checkpoint: {err}", path=path) from err
     state = ckpt["network"]
@@ -136,7 +143,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise CheckpointError(
-            f"weights do not match an AE-FLOW {hparams.get('backbone')} model "
+            f"weights do not match a {name} model ({hparams.get('backbone', 'default')}) "
             f"({len(missing)} missing, {len(unexpected)} unexpected keys)",
             path=path,
         )

@@ -13,7 +13,6 @@ from ignite.engine import Engine, Events
 from sklearn.metrics import roc_auc_score
 
 from monai_aeflow.checkpoint import save_model
-from monai_aeflow.networks.aeflow import AEFlow
 
 __all__ = [
     "ConfigState",
@@ -70,8 +69,9 @@ class ValidationStatsHandler:
 
     def _update(self, engine: Engine) -> None:
         out = engine.state.output
-        self.flow.append(out["score_flow"].detach().float().cpu().numpy())
-        self.recon.append(out["score_recon"].detach().float().cpu().numpy())
+        if out.get("score_flow") is not None and out.get("score_recon") is not None:
+            self.flow.append(out["score_flow"].detach().float().cpu().numpy())
+            self.recon.append(out["score_recon"].detach().float().cpu().numpy())
         self.labels.append(out["label"].detach().cpu().numpy())
         if out.get("pixel_label") is not None:
             amap = out["anomaly_map"].detach().float().cpu().numpy()
@@ -89,14 +89,14 @@ class ValidationStatsHandler:
         flow = np.concatenate(self.flow) if self.flow else np.zeros(0)
         recon = np.concatenate(self.recon) if self.recon else np.zeros(0)
         normal = labels == 0
-        if normal.sum() >= 2:
+        if flow.size == labels.size and normal.sum() >= 2:
             engine.state.score_calibration = {
                 "flow_mean": float(flow[normal].mean()),
                 "flow_std": float(flow[normal].std()),
                 "recon_mean": float(recon[normal].mean()),
                 "recon_std": float(recon[normal].std()),
             }
-        if len(np.unique(labels)) == 2:
+        if flow.size == labels.size and len(np.unique(labels)) == 2:
             engine.state.metrics["val_auroc_flow"] = float(roc_auc_score(labels, flow))
             engine.state.metrics["val_auroc_recon"] = float(roc_auc_score(labels, recon))
         if self.maps:
@@ -214,7 +214,7 @@ class ModelExportHandler:
 
     def __init__(
         self,
-        network: AEFlow,
+        network: torch.nn.Module,
         path: str | os.PathLike,
         config: Mapping[str, Any],
         trainer: Engine | None = None,

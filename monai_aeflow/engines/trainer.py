@@ -13,8 +13,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch.optim import Optimizer
 
 from monai_aeflow.losses import AEFlowLoss
-from monai_aeflow.networks.aeflow import AEFlow
-from monai_aeflow.scores import anomaly_map, flow_score, recon_score
+from monai_aeflow.models import get_model_spec, model_name_of
 
 __all__ = ["AEFlowTrainer", "AEFlowEvaluator", "slice_labels", "OUTPUT_KEYS"]
 
@@ -51,19 +50,22 @@ def _to_device(x: Any, device: torch.device, non_blocking: bool, memory_format: 
 
 
 class AEFlowTrainer(SupervisedTrainer):
-    """Trains the flow and the decoder of an :class:`AEFlow` on healthy images.
+    """Trains a registered model (AE-FLOW: its flow and decoder) on healthy images.
 
-    Each iteration reads ``batch["image"]`` (B, C, H, W) in [0, 1], runs the network, and minimises
-    :class:`AEFlowLoss`. ``engine.state.output`` holds ``image``, ``pred`` (the reconstruction), ``loss``,
-    ``loss_flow`` and ``loss_recon``; it is not decollated, so ``from_engine(["loss"])`` gives a scalar.
-    Every other argument is MONAI's ``SupervisedTrainer``'s (handlers, AMP, epoch length, ...).
+    Each iteration reads ``batch["image"]`` (B, C, H, W) in [0, 1], runs the network, and minimises the loss
+    (:class:`AEFlowLoss` for AE-FLOW; any callable ``loss(output, x) -> {"loss": ..., other terms}``).
+    ``engine.state.output`` holds ``image``, ``pred`` (the reconstruction ``output.x_rec``), ``loss`` and
+    every other term of the loss dict (``loss_flow``, ``loss_recon``, ``loss_kl``...); it is not decollated,
+    so ``from_engine(["loss"])`` gives a scalar. A loss with a ``discriminator_step(output, x)`` method (an
+    adversarial baseline) has it called after each generator step. Every other argument is MONAI's
+    ``SupervisedTrainer``'s (handlers, AMP, epoch length, ...).
 
     Args:
         device: where to train.
         max_epochs: number of epochs.
         train_data_loader: loader of healthy images.
-        network: the AE-FLOW model.
-        optimizer: optimiser over ``network.trainable_parameters()``.
+        network: the model (see :mod:`monai_aeflow.models`).
+        optimizer: optimiser over :func:`monai_aeflow.models.trainable_parameters`.
         loss_function: an :class:`AEFlowLoss` (default alpha 0.5, MSE).
         channels_last: use the channels-last memory format (faster convolutions on CUDA).
         flow_init_images: healthy images used to initialise the flow's ActNorm layer when training starts
@@ -76,7 +78,7 @@ class AEFlowTrainer(SupervisedTrainer):
         device: str | torch.device,
         max_epochs: int,
         train_data_loader: Iterable,
-        network: AEFlow,
+        network: torch.nn.Module,
         optimizer: Optimizer,
         loss_function: Callable | None = None,
         channels_last: bool = False,
@@ -123,11 +125,11 @@ class AEFlowTrainer(SupervisedTrainer):
         def _compute() -> None:
             out = engine.network(x)
             engine.state.output[Keys.PRED] = out.x_rec
+            engine.state.output["_forward"] = out
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             losses = engine.loss_function(out, x)
-            engine.state.output[Keys.LOSS] = losses["loss"]
-            engine.state.output["loss_flow"] = losses["loss_flow"]
-            engine.state.output["loss_recon"] = losses["loss_recon"]
+            for key, value in losses.items():
+                engine.state.output[Keys.LOSS if key == "loss" else key] = value
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
         engine.network.train()
@@ -144,23 +146,29 @@ class AEFlowTrainer(SupervisedTrainer):
             engine.state.output[Keys.LOSS].backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
+        out = engine.state.output.pop("_forward")
+        discriminator_step = getattr(engine.loss_function, "discriminator_step", None)
+        if discriminator_step is not None:
+            extra = discriminator_step(out, x)
+            engine.state.output.update(extra or {})
         engine.state.output[Keys.LOSS] = engine.state.output[Keys.LOSS].detach()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
 
 class AEFlowEvaluator(SupervisedEvaluator):
-    """Scores a labelled validation split with the AE-FLOW image score and anomaly map.
+    """Scores a labelled validation split with the model's image score and anomaly map.
 
     ``engine.state.output`` holds ``image``, ``pred`` (image score, (B,)), ``label`` (0/1 per image, taken
-    from a lesion mask or an image-level label), ``recon``, ``anomaly_map``, ``score_flow``,
-    ``score_recon`` and ``pixel_label`` (the lesion mask when the batch has one). Attach MONAI's
+    from a lesion mask or an image-level label), ``recon``, ``anomaly_map``, the model's extra score terms
+    (``score_flow`` and ``score_recon`` for AE-FLOW) and ``pixel_label`` (the lesion mask when the batch
+    has one). Attach MONAI's
     ``ROCAUC`` handler with ``output_transform=from_engine(["pred", "label"])`` for slice-level AUROC.
 
     Args:
         device: where to evaluate.
         val_data_loader: loader of labelled images.
-        network: the AE-FLOW model.
+        network: a registered model (see :mod:`monai_aeflow.models`).
         beta: weight of the flow score.
         map_kind: ``"residual"``, ``"flow"`` or ``"ssim"``.
         channels_last: use the channels-last memory format.
@@ -171,7 +179,7 @@ class AEFlowEvaluator(SupervisedEvaluator):
         self,
         device: str | torch.device,
         val_data_loader: Iterable,
-        network: AEFlow,
+        network: torch.nn.Module,
         beta: float = 0.9,
         map_kind: str = "residual",
         channels_last: bool = False,
@@ -182,6 +190,7 @@ class AEFlowEvaluator(SupervisedEvaluator):
         self.beta = beta
         self.map_kind = map_kind
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model_spec = get_model_spec(model_name_of(network))
 
     def _iteration(self, engine: AEFlowEvaluator, batchdata: Mapping[str, Any]) -> dict[str, Any]:
         if batchdata is None:
@@ -189,28 +198,25 @@ class AEFlowEvaluator(SupervisedEvaluator):
         x = _to_device(batchdata[Keys.IMAGE], engine.state.device, engine.non_blocking, engine.memory_format)
         raw_label = batchdata.get(Keys.LABEL)
         y = slice_labels(raw_label, x.shape[0], x.device)
+        score = engine.model_spec.score
         with engine.mode(engine.network):
             if engine.amp:
                 with torch.autocast("cuda", **engine.amp_kwargs):
-                    out = engine.network(x)
+                    scores = score(engine.network, x, beta=engine.beta, map_kind=engine.map_kind)
             else:
-                out = engine.network(x)
-            x_rec = out.x_rec.float()
-            s_flow = flow_score(out.z_prime)
-            s_recon = recon_score(x, x_rec)
-            amap = anomaly_map(out.z_prime, x, x_rec, engine.map_kind)
+                scores = score(engine.network, x, beta=engine.beta, map_kind=engine.map_kind)
         pixel_label = None
         if isinstance(raw_label, torch.Tensor) and raw_label.ndim >= 3:
             pixel_label = _to_device(raw_label, x.device, engine.non_blocking, torch.contiguous_format)
+        extra = {k: v.float() for k, v in scores.items() if k not in ("score", "recon", "anomaly_map")}
         engine.state.output = {
             Keys.IMAGE: x,
             Keys.LABEL: y,
-            Keys.PRED: engine.beta * s_flow + (1.0 - engine.beta) * s_recon,
-            "score_flow": s_flow,
-            "score_recon": s_recon,
-            "recon": x_rec,
-            "anomaly_map": amap,
+            Keys.PRED: scores["score"].float(),
+            "recon": scores["recon"].float(),
+            "anomaly_map": scores["anomaly_map"].float(),
             "pixel_label": pixel_label,
+            **extra,
         }
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)

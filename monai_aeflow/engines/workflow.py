@@ -40,8 +40,7 @@ from monai_aeflow.engines.handlers import (
 )
 from monai_aeflow.engines.trainer import AEFlowEvaluator, AEFlowTrainer
 from monai_aeflow.errors import AEFlowInputError
-from monai_aeflow.losses import AEFlowLoss
-from monai_aeflow.networks.aeflow import AEFlow
+from monai_aeflow.models import get_model_spec, model_name_of, trainable_parameters
 
 __all__ = ["TrainingConfig", "resolve_device", "create_engines", "train"]
 
@@ -115,14 +114,14 @@ class TrainingConfig:
 
 
 def create_engines(
-    network: AEFlow,
+    network: torch.nn.Module,
     train_loader: Iterable,
     val_loader: Iterable | None,
     config: TrainingConfig,
 ) -> tuple[AEFlowTrainer, AEFlowEvaluator | None]:
     """Build the trainer and the validation evaluator with all handlers attached.
 
-    Handlers: console and TensorBoard losses (``loss``, ``loss_flow``, ``loss_recon``), learning rate,
+    Handlers: console and TensorBoard losses (``loss`` and every ``loss_*`` term of the model's loss), learning rate,
     validation AUROC (MONAI ``ROCAUC`` on slice labels, the key metric) plus flow-only / recon-only
     AUROC and pixel AUROC, a TensorBoard image grid per validation, a resumable checkpoint
     (``checkpoint_*.pt``: network, optimiser, trainer, configuration) every ``checkpoint_every`` epochs,
@@ -148,7 +147,8 @@ def create_engines(
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
     amp = config.amp and cuda
-    optimizer = torch.optim.Adam(network.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    spec = get_model_spec(model_name_of(network))
+    optimizer = torch.optim.Adam(trainable_parameters(network), lr=config.lr, weight_decay=config.weight_decay)
     writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
     model_cfg = config.model_config()
     model_path = out_dir / MODEL_FILE
@@ -159,15 +159,14 @@ def create_engines(
         train_data_loader=train_loader,
         network=network,
         optimizer=optimizer,
-        loss_function=AEFlowLoss(config.alpha, config.recon_loss),
+        loss_function=spec.make_loss(dataclasses.asdict(config)),
         epoch_length=config.epoch_length,
         amp=amp,
         channels_last=channels_last,
     )
-    loss_transform = from_engine(["loss", "loss_flow", "loss_recon"])
 
     def _losses(output: Mapping[str, Any]) -> dict[str, float]:
-        return dict(zip(("train/loss", "train/loss_flow", "train/loss_recon"), loss_transform(output), strict=True))
+        return {f"train/{k}": float(v) for k, v in output.items() if k.startswith("loss") and v is not None}
 
     TensorBoardStatsHandler(summary_writer=writer, output_transform=_losses, epoch_log=False).attach(trainer)
     if config.progress:
@@ -216,7 +215,7 @@ def create_engines(
     else:
         ModelExportHandler(network, model_path, model_cfg).attach(trainer, on_improvement=False)
 
-    config_state = ConfigState({**model_cfg, "model": dict(network.hparams)})
+    config_state = ConfigState({**model_cfg, "model": dict(network.hparams), "model_name": spec.name})
     save_dict = {"network": network, "optimizer": optimizer, "trainer": trainer, "config": config_state}
     CheckpointSaver(
         save_dir=str(out_dir),
@@ -254,7 +253,7 @@ def create_engines(
 
 
 def train(
-    network: AEFlow,
+    network: torch.nn.Module,
     train_loader: Iterable,
     val_loader: Iterable | None,
     config: TrainingConfig,

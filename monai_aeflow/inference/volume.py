@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from monai_aeflow.networks.aeflow import AEFlow
-from monai_aeflow.scores import anomaly_map, flow_score, recon_score
+from monai_aeflow.models import get_model_spec, model_name_of
+from monai_aeflow.scores import recon_score
 
 __all__ = ["VolumeResult", "pad_to_multiple", "score_slices", "score_volume"]
 
@@ -24,15 +24,15 @@ class VolumeResult:
         anomaly_map: (X, Y, Z) float32 pixel anomaly map (zero on slices that were not scored).
         reconstruction: (X, Y, Z) float32 reconstruction.
         slice_scores: (Z,) image-level score per axial slice (NaN where not scored).
-        score_flow: (Z,) flow term per slice.
-        score_recon: (Z,) reconstruction term per slice.
+        score_flow: (Z,) flow term per slice (None for models without one).
+        score_recon: (Z,) reconstruction term per slice (None for models without one).
     """
 
     anomaly_map: np.ndarray
     reconstruction: np.ndarray
     slice_scores: np.ndarray
-    score_flow: np.ndarray
-    score_recon: np.ndarray
+    score_flow: np.ndarray | None = None
+    score_recon: np.ndarray | None = None
 
 
 def pad_to_multiple(x: torch.Tensor, k: int = 16) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
@@ -53,7 +53,7 @@ def pad_to_multiple(x: torch.Tensor, k: int = 16) -> tuple[torch.Tensor, tuple[i
 
 @torch.inference_mode()
 def score_slices(
-    network: AEFlow,
+    network: torch.nn.Module,
     images: torch.Tensor,
     batch_size: int = 32,
     beta: float = 0.9,
@@ -61,7 +61,7 @@ def score_slices(
     calibration: Mapping[str, float] | None = None,
     amp: bool | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run AE-FLOW on a stack of 2D images in batches.
+    """Run a registered 2D model (AE-FLOW by default) on a stack of images in batches, without a per-image loop.
 
     Args:
         network: the model (put in ``eval()`` mode here).
@@ -74,47 +74,40 @@ def score_slices(
         amp: autocast to float16 (default: on for CUDA).
 
     Returns:
-        ``{"anomaly_map": (N, 1, H, W), "reconstruction": (N, C, H, W), "score": (N,), "score_flow",
-        "score_recon"}`` as CPU float32 tensors.
+        ``{"anomaly_map": (N, 1, H, W), "reconstruction": (N, C, H, W), "score": (N,)}`` plus the model's
+        extra terms (``score_flow`` and ``score_recon`` for AE-FLOW) as CPU float32 tensors.
     """
     network.eval()
+    spec = get_model_spec(model_name_of(network))
     device = next(network.parameters()).device
     use_amp = device.type == "cuda" if amp is None else (amp and device.type == "cuda")
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    padded, (left, right, top, bottom) = pad_to_multiple(images.float(), 16)
+    padded, (left, right, top, bottom) = pad_to_multiple(images.float(), spec.size_multiple)
     hp, wp = padded.shape[-2:]
-    maps, recs, flows, recons = [], [], [], []
+    crop = (..., slice(top, hp - bottom), slice(left, wp - right))
+    chunks: dict[str, list[torch.Tensor]] = {}
     for start in range(0, padded.shape[0], batch_size):
         x = padded[start : start + batch_size].to(device, non_blocking=True).contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            out = network(x)
-        x_rec = out.x_rec.float()
-        x_c = x[..., top : hp - bottom, left : wp - right]
-        rec_c = x_rec[..., top : hp - bottom, left : wp - right]
-        z_prime = out.z_prime.float()
-        amap = anomaly_map(z_prime, x, x_rec, map_kind)[..., top : hp - bottom, left : wp - right]
-        maps.append(amap.cpu())
-        recs.append(rec_c.cpu())
-        flows.append(flow_score(z_prime).cpu())
-        recons.append(recon_score(x_c, rec_c).cpu())
-    s_flow, s_recon = torch.cat(flows), torch.cat(recons)
-    if calibration is not None:
-        f = (s_flow - calibration["flow_mean"]) / max(calibration["flow_std"], 1e-12)
-        r = (s_recon - calibration["recon_mean"]) / max(calibration["recon_std"], 1e-12)
-        score = beta * f + (1 - beta) * r
-    else:
-        score = beta * s_flow + (1 - beta) * s_recon
-    return {
-        "anomaly_map": torch.cat(maps),
-        "reconstruction": torch.cat(recs),
-        "score": score,
-        "score_flow": s_flow,
-        "score_recon": s_recon,
-    }
+            out = spec.score(network, x, beta=beta, map_kind=map_kind)
+        if any(pad for pad in (left, right, top, bottom)) and "score_recon" in out:
+            # the reconstruction term is computed on the unpadded image, as in training
+            out["score_recon"] = recon_score(x[crop].float(), out["recon"][crop].float())
+            out["score"] = beta * out["score_flow"] + (1 - beta) * out["score_recon"]
+        for key, value in out.items():
+            value = value.float()
+            chunks.setdefault(key, []).append((value[crop] if value.ndim == 4 else value).cpu())
+    out = {key: torch.cat(values) for key, values in chunks.items()}
+    if calibration is not None and "score_flow" in out:
+        f = (out["score_flow"] - calibration["flow_mean"]) / max(calibration["flow_std"], 1e-12)
+        r = (out["score_recon"] - calibration["recon_mean"]) / max(calibration["recon_std"], 1e-12)
+        out["score"] = beta * f + (1 - beta) * r
+    out["reconstruction"] = out.pop("recon")
+    return out
 
 
 def score_volume(
-    network: AEFlow,
+    network: torch.nn.Module,
     volume: np.ndarray | torch.Tensor,
     slices: np.ndarray | None = None,
     batch_size: int = 32,
@@ -149,12 +142,11 @@ def score_volume(
     out: dict[str, Any] = score_slices(network, stack, batch_size, beta, map_kind, calibration, amp)
     amap = np.zeros((x, y, z), np.float32)
     rec = np.zeros((x, y, z), np.float32)
-    scores = np.full(z, np.nan, np.float32)
-    s_flow = np.full(z, np.nan, np.float32)
-    s_recon = np.full(z, np.nan, np.float32)
+    per_slice = {}
+    for key in ("score", "score_flow", "score_recon"):
+        if key in out:
+            per_slice[key] = np.full(z, np.nan, np.float32)
+            per_slice[key][idx] = out[key].numpy()
     amap[..., idx] = out["anomaly_map"][:, 0].permute(1, 2, 0).numpy()
     rec[..., idx] = out["reconstruction"].mean(1).permute(1, 2, 0).numpy()
-    scores[idx] = out["score"].numpy()
-    s_flow[idx] = out["score_flow"].numpy()
-    s_recon[idx] = out["score_recon"].numpy()
-    return VolumeResult(amap, rec, scores, s_flow, s_recon)
+    return VolumeResult(amap, rec, per_slice["score"], per_slice.get("score_flow"), per_slice.get("score_recon"))

@@ -5,8 +5,11 @@ from __future__ import annotations
 import click
 
 from aeflow_cli.common import run_guarded  # noqa: F401  (re-exported for sub-commands)
+from aeflow_cli.compare import compare
 from aeflow_cli.demo import demo
 from aeflow_cli.evaluate import evaluate
+from aeflow_cli.score import score
+from aeflow_cli.train import train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,6 +20,9 @@ def cli() -> None:
 
 cli.add_command(demo)
 cli.add_command(evaluate)
+cli.add_command(score)
+cli.add_command(train)
+cli.add_command(compare)
 
 if __name__ == "__main__":  # pragma: no cover
     cli()

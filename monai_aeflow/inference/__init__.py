@@ -1,5 +1,30 @@
-"""Inference: batched slice scoring of volumes and images with a trained AE-FLOW model."""
+"""Inference: batched slice scoring of volumes and images with a trained model, on the input's grid."""
 
+from monai_aeflow.inference.pipeline import (
+    AnomalyScorer,
+    ScoreResult,
+    expand_inputs,
+    output_name,
+    output_paths,
+    preprocessing_from_config,
+    resolve_model_path,
+    score_paths,
+    write_outputs,
+)
 from monai_aeflow.inference.volume import VolumeResult, pad_to_multiple, score_slices, score_volume
 
-__all__ = ["VolumeResult", "pad_to_multiple", "score_slices", "score_volume"]
+__all__ = [
+    "AnomalyScorer",
+    "ScoreResult",
+    "VolumeResult",
+    "expand_inputs",
+    "output_name",
+    "output_paths",
+    "pad_to_multiple",
+    "preprocessing_from_config",
+    "resolve_model_path",
+    "score_paths",
+    "score_slices",
+    "score_volume",
+    "write_outputs",
+]

@@ -1,0 +1,149 @@
+"""``aeflow-cli score``: anomaly maps, lesion masks and scores for NIfTI / DICOM volumes and 2D images."""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from aeflow_cli.common import run_guarded
+
+__all__ = ["score"]
+
+_SUMMARY_COLUMNS = ("name", "status", "volume_score", "max_slice_score", "lesion_voxels", "lesion_volume_ml", "seconds")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _summary_table(rows: list[dict[str, Any]]) -> str:
+    header = list(_SUMMARY_COLUMNS)
+    body = [[_fmt(r.get(c)) for c in header] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths, strict=True)) for b in body]
+    return "\n".join(lines)
+
+
+def _summary_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["input", *_SUMMARY_COLUMNS, "error"], extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in writer.fieldnames})
+    return buf.getvalue()
+
+
+def _run(
+    paths: tuple[str, ...],
+    model: str,
+    out: Path,
+    device: str,
+    batch_size: int,
+    threshold: float | None,
+    mask: Path | None,
+    overwrite: bool,
+    workers: int | None,
+    preview: bool,
+    quiet: bool,
+) -> list[dict[str, Any]]:
+    from monai_aeflow.errors import AEFlowInputError
+    from monai_aeflow.fileio import atomic_write_text
+    from monai_aeflow.inference import AnomalyScorer, expand_inputs, score_paths
+
+    inputs = expand_inputs(paths)
+    if mask is not None and len(inputs) != 1:
+        raise AEFlowInputError(f"--mask applies to one input, but {len(inputs)} inputs were given")
+    scorer = AnomalyScorer(model, device=device, batch_size=batch_size, threshold=threshold)
+    if workers is None:
+        workers = 2 if scorer.device.type == "cuda" else 1
+    if not quiet:
+        click.echo(
+            f"model {scorer.model_path} ({scorer.model_name}, threshold "
+            f"{_fmt(scorer.threshold)}{'' if scorer.threshold_source is None else ' from ' + scorer.threshold_source})"
+            f" on {scorer.device}; {len(inputs)} input(s) -> {out}",
+            err=True,
+        )
+        if scorer.threshold is None:
+            click.echo("no threshold stored in the model or given: lesion masks are not written", err=True)
+    masks = {str(inputs[0]): str(mask)} if mask is not None else None
+    rows = score_paths(
+        scorer, inputs, out, overwrite=overwrite, preview=preview, masks=masks, workers=workers, progress=not quiet
+    )
+    if len(rows) > 1:
+        atomic_write_text(out / "summary.csv", _summary_csv(rows))
+    return rows
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--model", "-m", required=True, help="Trained model file (.pt) or bundle folder (uses models/model.pt).")
+@click.option(
+    "--out",
+    "-o",
+    default="aeflow_scores",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Slices per forward pass.")
+@click.option("--threshold", type=float, default=None, help="Binarisation threshold (default: the model's).")
+@click.option(
+    "--mask",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Brain mask of the (single) input; default: from nonzero voxels.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--workers", type=click.IntRange(0), default=None, help="Inputs loaded ahead in background threads.")
+@click.option("--no-preview", is_flag=True, help="Do not write the PNG previews.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table.")
+def score(
+    paths: tuple[str, ...],
+    model: str,
+    out: Path,
+    device: str,
+    batch_size: int,
+    threshold: float | None,
+    mask: Path | None,
+    overwrite: bool,
+    workers: int | None,
+    no_preview: bool,
+    quiet: bool,
+) -> None:
+    """Score volumes and images: anomaly map, lesion mask, scores JSON and preview per input.
+
+    PATHS are NIfTI files, DICOM series folders, MetaImage/NRRD files, 2D images (PNG, JPEG, TIFF), folders
+    of them, or glob patterns. For each input NAME, the output folder gets NAME_anomaly.nii.gz (float32, the
+    input's shape and affine), NAME_mask.nii.gz (the post-processed lesion mask at the threshold),
+    NAME_scores.json and NAME_preview.png (2D inputs: NAME_anomaly.tif and NAME_mask.png). With several
+    inputs a summary.csv is written too. The exit code is 2 if any input failed; the others still complete.
+    """
+    rows = run_guarded(
+        _run, paths, model, out, device, batch_size, threshold, mask, overwrite, workers, not no_preview, quiet
+    )
+    failed = [r for r in rows if r["status"] != "ok"]
+    if not quiet and len(rows) > 1:
+        click.echo(_summary_table(rows))
+    if not quiet and len(rows) == 1 and not failed:
+        r = rows[0]
+        click.echo(
+            f"{r['name']}: volume score {_fmt(r['volume_score'])}, max slice score {_fmt(r['max_slice_score'])}, "
+            f"lesion voxels {_fmt(r['lesion_voxels'])} -> {out}"
+        )
+    for r in failed:
+        click.echo(f"Error: {r['error']}", err=True)
+    if failed:
+        if len(rows) > 1:
+            click.echo(f"{len(failed)} of {len(rows)} inputs failed", err=True)
+        sys.exit(2 if all(r.get("user_error") for r in failed) else 1)

@@ -1,0 +1,180 @@
+"""Benchmark of ``aeflow-cli score``'s inference path; prints one JSON document.
+
+Measured in the same run, so that the ratios hold on a shared, noisy machine:
+
+1. slices/s of the batched scorer (:func:`monai_aeflow.inference.score_slices`) against a per-slice loop calling
+   the same model, for the light (ResNet-18) and the paper's (Wide-ResNet-50-2) backbone;
+2. the model's achieved FLOP/s (FLOPs counted by ``torch.utils.flop_counter``) against the machine's measured
+   ``torch.matmul`` peak;
+3. end-to-end :class:`~monai_aeflow.inference.AnomalyScorer` time for one 240 x 240 x 155 volume (loading,
+   preprocessing, model, inverse transforms, post-processing, writing) against the model-only time, and the
+   peak resident memory;
+4. on CUDA: volumes/s for 240 x 240 x 155 volumes with the paper's backbone and AMP.
+
+Usage::
+
+    python benchmarks/bench_score.py                  # CPU
+    python benchmarks/bench_score.py --device cuda    # GPU (also volumes/s)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from monai_aeflow.checkpoint import save_model
+from monai_aeflow.data.synthetic import generate_cohort
+from monai_aeflow.inference import AnomalyScorer, score_slices, write_outputs
+from monai_aeflow.networks import AEFlow
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_of(fn, repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """Measured FLOP/s of a square float32 matmul (float16 on CUDA, as AMP runs the model)."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.matmul(a, b)
+    seconds = _best_of(lambda: torch.matmul(a, b), repeats, device)
+    return 2.0 * n**3 / seconds
+
+
+def model_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward pass (matmuls and convolutions, as counted by PyTorch)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x)
+    return int(counter.get_total_flops())
+
+
+def bench_backbone(backbone: str, device: torch.device, size: int, n_slices: int, batch: int, repeats: int) -> dict:
+    net = AEFlow(backbone=backbone, backbone_weights=None).to(device).eval()
+    images = torch.rand(n_slices, 1, size, size)
+    amp = device.type == "cuda"
+
+    def batched() -> None:
+        score_slices(net, images, batch_size=batch, amp=amp)
+
+    def loop() -> None:
+        for i in range(n_slices):
+            score_slices(net, images[i : i + 1], batch_size=1, amp=amp)
+
+    batched()  # warm-up
+    t_batched = _best_of(batched, repeats, device)
+    t_loop = _best_of(loop, max(1, repeats - 1), device)
+    flops = model_flops(net, images[:1].to(device)) * n_slices
+    peak = matmul_peak(device)
+    return {
+        "backbone": backbone,
+        "slice_size": size,
+        "slices": n_slices,
+        "batch_size": batch,
+        "batched_slices_per_s": n_slices / t_batched,
+        "loop_slices_per_s": n_slices / t_loop,
+        "batched_over_loop": t_loop / t_batched,
+        "model_gflop_per_slice": flops / n_slices / 1e9,
+        "achieved_gflop_per_s": flops / t_batched / 1e9,
+        "matmul_peak_gflop_per_s": peak / 1e9,
+        "fraction_of_matmul_peak": flops / t_batched / peak,
+    }
+
+
+def bench_end_to_end(backbone: str, device: torch.device, batch: int, work: Path) -> dict:
+    """One 240 x 240 x 155 volume through the whole scorer, against the model alone on its slices."""
+    cohort = generate_cohort(work / "data", 0, 1, seed=3, shape=(240, 240, 155), spacing=(1.0, 1.0, 1.0))
+    model_file = work / f"{backbone}.pt"
+    save_model(
+        AEFlow(backbone=backbone, backbone_weights=None),
+        model_file,
+        {"preprocessing": {"spatial_size": [240, 240], "percentiles": [1.0, 99.0], "orientation": "RAS"}},
+        threshold=0.2,
+    )
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scorer = AnomalyScorer(model_file, device=device, batch_size=batch)
+    image = cohort[0]["image"]
+    scorer.score(image)  # warm-up (allocations, cuDNN autotuning)
+    start = time.perf_counter()
+    result = scorer.score(image)
+    write_outputs(result, work / "out", overwrite=True)
+    _sync(device)
+    total = time.perf_counter() - start
+    timing = result.scores["timing"]
+    out = {
+        "backbone": backbone,
+        "volume_shape": [240, 240, 155],
+        "scored_slices": result.scores["scored_slices"],
+        "end_to_end_seconds": total,
+        "model_seconds": timing["model_seconds"],
+        "postprocess_seconds": timing["postprocess_seconds"],
+        "overhead_seconds": total - timing["model_seconds"],
+        "overhead_fraction": (total - timing["model_seconds"]) / total,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024,
+    }
+    if device.type == "cuda":
+        n = 5
+        start = time.perf_counter()
+        for _ in range(n):
+            scorer.score(image)
+        _sync(device)
+        out["volumes_per_second"] = n / (time.perf_counter() - start)
+        out["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", type=int, default=128, help="slice size of the throughput test")
+    parser.add_argument("--slices", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backbones", default="resnet18,wide_resnet50_2")
+    parser.add_argument(
+        "--e2e-backbone", default=None, help="backbone of the end-to-end test (default: resnet18 on CPU)"
+    )
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    report = {
+        "benchmark": "score",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "throughput": [
+            bench_backbone(b, device, args.size, args.slices, args.batch_size, args.repeats)
+            for b in args.backbones.split(",")
+        ],
+    }
+    e2e = args.e2e_backbone or ("wide_resnet50_2" if device.type == "cuda" else "resnet18")
+    with tempfile.TemporaryDirectory() as tmp:
+        report["end_to_end"] = bench_end_to_end(e2e, device, args.batch_size * 2, Path(tmp))
+    json.dump(report, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -355,3 +355,15 @@ def test_brats_case_and_dicom_series_align_with_their_grids(shared_data, small_v
     src = nib.load(brats[0])
     assert written.shape == src.shape
     np.testing.assert_allclose(written.affine, src.affine, atol=1e-4)
+
+
+def test_score_output_folder_is_evaluated_as_it_is(lesion_case, tmp_path):
+    from monai_aeflow.evaluation.io import find_cases
+
+    out = _run(str(lesion_case["image"]), "--model", str(lesion_case["model"]), "-o", str(tmp_path / "maps"))
+    assert out.exit_code == 0, out.output
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "case_flair.nii.gz").write_bytes(Path(lesion_case["label"]).read_bytes())
+    cases = find_cases(tmp_path / "maps", tmp_path / "labels")
+    assert [c["name"] for c in cases] == ["case_flair"]
+    assert cases[0]["map"].name == "case_flair_anomaly.nii.gz"

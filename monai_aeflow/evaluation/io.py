@@ -9,7 +9,7 @@ grid. Any problem with the user's files raises :class:`~monai_aeflow.errors.AEFl
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,16 @@ def case_name(path: str | os.PathLike) -> str:
     return name
 
 
+SCORE_MAP_SUFFIX = "_anomaly"
+"""Name ending of the maps written by ``aeflow-cli score`` (``case01_anomaly.nii.gz`` matches ``case01``)."""
+
+
+def _score_output_maps(files: dict[str, Path]) -> dict[str, Path]:
+    """In a folder written by ``aeflow-cli score``, keep the ``*_anomaly`` maps keyed by the input's name."""
+    maps = {k[: -len(SCORE_MAP_SUFFIX)]: p for k, p in files.items() if k.endswith(SCORE_MAP_SUFFIX)}
+    return maps or files
+
+
 def _nifti_files(folder: str | os.PathLike, what: str) -> dict[str, Path]:
     folder = Path(folder)
     if not folder.exists():
@@ -72,7 +82,8 @@ def find_cases(
     """Match anomaly maps with their labels (and brain masks, images, reconstructions) by file name.
 
     Args:
-        maps_dir: folder of anomaly-map NIfTIs.
+        maps_dir: folder of anomaly-map NIfTIs; an ``aeflow-cli score`` output folder works as it is (its
+            ``NAME_anomaly.nii.gz`` maps match ``NAME.nii.gz`` labels; its lesion masks are ignored).
         labels_dir: folder of lesion labels with the same file names (all-zero labels for healthy volumes).
         masks_dir: folder of brain masks with the same file names; ``None``: the whole volume is brain.
         images_dir: optional folder of the input images (only used for figures).
@@ -84,7 +95,7 @@ def find_cases(
     Raises:
         AEFlowInputError: a missing or empty folder, or files that do not match one to one.
     """
-    maps = _nifti_files(maps_dir, "anomaly-map")
+    maps = _score_output_maps(_nifti_files(maps_dir, "anomaly-map"))
     if not maps:
         raise AEFlowInputError("no NIfTI files (.nii, .nii.gz) in the anomaly-map folder", path=maps_dir)
     required = {"label": (labels_dir, "label")}

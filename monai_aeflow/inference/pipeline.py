@@ -199,7 +199,7 @@ class AnomalyScorer:
 
     The preprocessing (orientation, resampling, intensity scaling, crop/pad) is rebuilt from the model
     file's stored configuration; the image score and map follow its ``score`` settings; the lesion mask
-    uses the threshold and post-processing stored by ``aeflow-cli evaluate --save-threshold`` unless a
+    uses the threshold and post-processing stored by ``aeflow-cli evaluate --checkpoint MODEL`` unless a
     threshold is given.
 
     Args:

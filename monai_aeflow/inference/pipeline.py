@@ -233,8 +233,7 @@ class AnomalyScorer:
         self.device = resolve_device(device)
         self.model_path = resolve_model_path(model)
         self.network, self.checkpoint = load_model(self.model_path, self.device)
-        if self.device.type == "cuda":
-            self.network = self.network.to(memory_format=torch.channels_last)
+        self.network = self.network.to(memory_format=torch.channels_last)  # faster convolutions on CPU and CUDA
         config = self.checkpoint["config"]
         self.model_name = str(config.get("model_name", "aeflow"))
         self.preprocessing_config = dict(config.get("preprocessing") or {})

@@ -81,7 +81,9 @@ def score_slices(
     spec = get_model_spec(model_name_of(network))
     device = next(network.parameters()).device
     use_amp = device.type == "cuda" if amp is None else (amp and device.type == "cuda")
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    # channels-last is faster on CUDA and on CPU (oneDNN) once the weights are channels-last too
+    # (AnomalyScorer converts the network; a contiguous network still gives the same numbers)
+    fmt = torch.channels_last
     padded, (left, right, top, bottom) = pad_to_multiple(images.float(), spec.size_multiple)
     hp, wp = padded.shape[-2:]
     crop = (..., slice(top, hp - bottom), slice(left, wp - right))

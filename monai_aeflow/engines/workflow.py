@@ -81,6 +81,8 @@ class TrainingConfig:
         checkpoint_every: save a resumable checkpoint every this many epochs.
         seed: seed of ``torch`` before the run.
         preprocessing: the preprocessing configuration, stored in the model file for inference.
+        loss_options: keyword arguments of the model's loss (baselines, e.g. ``{"kl_weight": 0.5}`` for the
+            VAE; see :mod:`monai_aeflow.baselines`), stored with the other training settings.
     """
 
     output_dir: str = "runs/aeflow"
@@ -102,6 +104,7 @@ class TrainingConfig:
     checkpoint_every: int = 1
     seed: int = 0
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    loss_options: dict[str, Any] = field(default_factory=dict)
 
     def model_config(self) -> dict[str, Any]:
         """The configuration stored with the trained model (everything but the network's own arguments)."""

@@ -1,0 +1,201 @@
+"""``aeflow-cli train``: train AE-FLOW or a baseline on the healthy slices of a dataset (or a synthetic cohort)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import click
+
+from aeflow_cli.common import run_guarded
+
+__all__ = ["train", "data_options"]
+
+_DATASETS = ("brats", "ixi", "atlas", "folder")
+
+
+def data_options(fn: Any) -> Any:
+    """The data options shared by ``train`` and ``compare``."""
+    options = [
+        click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None, help="Dataset folder."),
+        click.option(
+            "--dataset",
+            type=click.Choice(_DATASETS),
+            default="brats",
+            show_default=True,
+            help="Layout of --data (indexer).",
+        ),
+        click.option(
+            "--modality",
+            default="flair",
+            show_default=True,
+            help="Modality for BraTS (flair, t1, t1c, t2; several joined by '+').",
+        ),
+        click.option("--synthetic", is_flag=True, help="Use a generated synthetic brain MRI cohort instead of --data."),
+        click.option(
+            "--n-train", default=4, show_default=True, type=click.IntRange(1), help="Synthetic: training subjects."
+        ),
+        click.option(
+            "--shape",
+            default=(64, 64, 40),
+            show_default=True,
+            type=(int, int, int),
+            help="Synthetic: volume shape (X Y Z).",
+        ),
+        click.option(
+            "--contrast",
+            default="flair",
+            show_default=True,
+            type=click.Choice(["flair", "t1"]),
+            help="Synthetic: contrast.",
+        ),
+        click.option(
+            "--split-file", type=click.Path(dir_okay=False), default=None, help="Split CSV (split, subject_id, ...)."
+        ),
+        click.option("--train-subjects", default=None, help="Comma-separated subject ids of the training split."),
+        click.option("--val-subjects", default=None, help="Comma-separated subject ids of the validation split."),
+        click.option("--test-subjects", default=None, help="Comma-separated subject ids of the test split."),
+        click.option(
+            "--fractions",
+            default=(0.6, 0.2, 0.2),
+            show_default=True,
+            type=(float, float, float),
+            help="Random subject split: train, validation, test fractions.",
+        ),
+        click.option("--split-seed", default=0, show_default=True, type=int, help="Seed of the random split."),
+        click.option(
+            "--spatial-size",
+            default=(128, 128),
+            show_default=True,
+            type=(int, int),
+            help="In-plane size after crop/pad (multiples of 16).",
+        ),
+        click.option("--spacing", default=None, type=float, help="Resample to this voxel size in mm first."),
+        click.option(
+            "--min-area-fraction",
+            default=0.2,
+            show_default=True,
+            type=click.FloatRange(0, 1),
+            help="Keep slices with at least this fraction of the largest brain area.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def data_config(opts: dict[str, Any]) -> Any:
+    """Build a :class:`~monai_aeflow.compare.DataConfig` from the data options."""
+    from monai_aeflow.compare import DataConfig, SyntheticCohortConfig
+    from monai_aeflow.errors import AEFlowInputError
+
+    if opts["synthetic"] and opts["data_dir"] is not None:
+        raise AEFlowInputError("give either --data DIR or --synthetic, not both")
+    if not opts["synthetic"] and opts["data_dir"] is None:
+        raise AEFlowInputError("no data: give --data DIR (with --dataset) or --synthetic")
+    named = {k: opts[f"{k}_subjects"] for k in ("train", "val", "test") if opts[f"{k}_subjects"]}
+    subjects = {k: [s.strip() for s in v.split(",") if s.strip()] for k, v in named.items()} if named else None
+    modality = opts["modality"]
+    modality = modality.split("+") if modality and "+" in modality else modality
+    return DataConfig(
+        data_dir=opts["data_dir"],
+        dataset=opts["dataset"],
+        modality=modality,
+        subjects=subjects,
+        split_file=opts["split_file"],
+        fractions=tuple(opts["fractions"]),
+        split_seed=opts["split_seed"],
+        spatial_size=tuple(opts["spatial_size"]),
+        spacing=opts["spacing"],
+        min_area_fraction=opts["min_area_fraction"],
+        synthetic=SyntheticCohortConfig(n_train=opts["n_train"], shape=tuple(opts["shape"]), contrast=opts["contrast"]),
+    )
+
+
+def _run(opts: dict[str, Any]) -> dict[str, Any]:
+    from monai_aeflow.compare import parse_assignments, run_training
+    from monai_aeflow.fileio import to_jsonable
+
+    say = (lambda msg: None) if opts["quiet"] or opts["as_json"] else click.echo
+    summary = run_training(
+        opts["model"],
+        data_config(opts),
+        opts["output_dir"],
+        epochs=opts["epochs"],
+        batch_size=opts["batch_size"],
+        lr=opts["lr"],
+        weight_decay=opts["weight_decay"],
+        device=opts["device"],
+        seed=opts["seed"],
+        backbone=opts["backbone"],
+        backbone_weights=opts["backbone_weights"],
+        model_args=parse_assignments(opts["model_arg"]),
+        loss_options=parse_assignments(opts["loss_arg"]),
+        validate=not opts["no_validation"],
+        progress=not (opts["quiet"] or opts["as_json"]),
+        say=say,
+        alpha=opts["alpha"],
+        beta=opts["beta"],
+    )
+    if opts["as_json"]:
+        click.echo(json.dumps(to_jsonable(summary), indent=2))
+    else:
+        say(f"trained {summary['model']} in {summary['seconds']:.1f} s ({summary['epochs']} epochs)")
+        if "best_val_auroc" in summary:
+            say(f"best validation slice AUROC {summary['best_val_auroc']:.3f} (epoch {summary['best_epoch']})")
+        say(f"model: {summary['model_path']}")
+    return summary
+
+
+@click.command(
+    "train",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="""Train a registered model (AE-FLOW or a baseline) on healthy axial slices.
+
+The data are indexed (--data with --dataset) or generated (--synthetic), split by subject, preprocessed
+(RAS, percentile scaling in the brain, crop/pad to --spatial-size) and the healthy slices of the training
+subjects are used. The model file (model.pt: weights, architecture, preprocessing) goes to --out; with a
+validation split the model with the best validation slice AUROC is kept. Models: aeflow, ae, vae, pchvae,
+vqvae, vqgan, flowonly, intensity (nothing to train: saved as it is).
+
+\b
+Examples:
+  aeflow-cli train --model vae --synthetic --out runs/vae --epochs 5
+  aeflow-cli train --model aeflow --data /data/BraTS2021 --modality flair --out runs/aeflow
+  aeflow-cli train --model vqgan --synthetic --out runs/vqgan --loss-arg adv_weight=0.1
+""",
+)
+@click.option("--model", default="aeflow", show_default=True, help="Registered model name.")
+@data_options
+@click.option("--out", "output_dir", default="aeflow_run", show_default=True, help="Output folder.")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate.")
+@click.option("--weight-decay", default=1e-5, show_default=True, type=float)
+@click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="AE-FLOW flow loss weight.")
+@click.option("--beta", default=0.9, show_default=True, type=click.FloatRange(0, 1), help="AE-FLOW flow score weight.")
+@click.option(
+    "--backbone",
+    default="resnet18",
+    show_default=True,
+    type=click.Choice(["resnet18", "wide_resnet50_2"]),
+    help="Encoder of aeflow / flowonly.",
+)
+@click.option(
+    "--backbone-weights",
+    default="auto",
+    show_default=True,
+    help="'auto' (ImageNet if available, else random), 'imagenet', 'none' or a local .pth file.",
+)
+@click.option("--model-arg", multiple=True, metavar="KEY=VALUE", help="Network argument (JSON value), repeatable.")
+@click.option("--loss-arg", multiple=True, metavar="KEY=VALUE", help="Loss option (JSON value), repeatable.")
+@click.option("--no-validation", is_flag=True, help="Keep the last model instead of the best on validation.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the training summary as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def train(**opts: Any) -> None:
+    quiet = opts["quiet"] or opts["as_json"]
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    run_guarded(_run, opts)

@@ -1,0 +1,192 @@
+"""The MONAI Label app: one AE-FLOW infer task over a folder of studies, the anomaly map kept in the datastore.
+
+``apps/aeflow_label/main.py`` exposes :class:`AEFlowLabelApp` to ``monailabel start_server``. Options come from
+``--conf KEY VALUE`` (see :class:`LabelAppConfig`); ``model`` is required.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import HTTPException
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.utils.others.generic import remove_file
+
+from monai_aeflow import __version__
+from monai_aeflow.errors import AEFlowInputError, CheckpointError
+from monai_aeflow.label.infer import AEFlowInferTask
+
+__all__ = ["ANOMALY_MAP_TAG", "AEFlowLabelApp", "LabelAppConfig"]
+
+logger = logging.getLogger(__name__)
+
+ANOMALY_MAP_TAG = "anomaly_map"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+@dataclass
+class LabelAppConfig:
+    """Options of the app, given to ``monailabel start_server`` as ``--conf KEY VALUE``.
+
+    Args:
+        model: trained model file (``.pt``) or bundle folder (``models/model.pt``); required.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
+        batch_size: slices per forward pass.
+        threshold: binarisation threshold of the post-processed map (default: the model's).
+        label: name of the returned label.
+        name: name of the infer task, i.e. the ``<model>`` of ``POST /infer/<model>``.
+        save_anomaly_map: store the float anomaly map of each datastore image as its label tag ``anomaly_map``.
+    """
+
+    model: str
+    device: str = "auto"
+    batch_size: int = 32
+    threshold: float | None = None
+    label: str = "anomaly"
+    name: str = "aeflow"
+    save_anomaly_map: bool = True
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, str] | None) -> LabelAppConfig:
+        """Parse the ``--conf`` strings of ``monailabel start_server``.
+
+        Args:
+            conf: key/value strings; unknown keys are ignored (MONAI Label passes its own too).
+
+        Returns:
+            The options.
+
+        Raises:
+            CheckpointError: no ``model`` given.
+            AEFlowInputError: a value that does not parse.
+        """
+        conf = dict(conf or {})
+        model = conf.get("model")
+        if not model:
+            raise CheckpointError(
+                "no model given: start the server with --conf model PATH (a trained model .pt file or a bundle folder)"
+            )
+        kwargs: dict[str, Any] = {"model": str(model)}
+        for key in ("device", "label", "name"):
+            if conf.get(key):
+                kwargs[key] = str(conf[key])
+        try:
+            if conf.get("batch_size"):
+                kwargs["batch_size"] = int(conf["batch_size"])
+            if conf.get("threshold") not in (None, "", "none", "None"):
+                kwargs["threshold"] = float(conf["threshold"])
+        except ValueError as err:
+            raise AEFlowInputError(f"invalid --conf value: {err}") from err
+        flag = str(conf.get("save_anomaly_map", "true")).lower()
+        if flag not in _TRUE + _FALSE:
+            raise AEFlowInputError(f"invalid --conf save_anomaly_map {flag!r} (expected true or false)")
+        kwargs["save_anomaly_map"] = flag in _TRUE
+        return cls(**kwargs)
+
+
+class AEFlowLabelApp(MONAILabelApp):
+    """MONAI Label app serving AE-FLOW anomaly detection as one segmentation model.
+
+    ``POST /infer/aeflow?image=<id>`` returns the lesion mask as the label (``anomaly``) and, in the result
+    JSON, the volume score, the per-slice scores and the threshold (see
+    :class:`~monai_aeflow.label.AEFlowInferTask`). The float anomaly map is saved in the datastore as the label
+    tag ``anomaly_map`` of the image, to be fetched with ``GET /datastore/label?label=<id>&tag=anomaly_map``;
+    the result JSON names it under ``anomaly_map``.
+
+    The model is loaded when the app starts: a missing model, a foreign checkpoint or a bad option stops the
+    server with a one-line error naming the file.
+
+    Args:
+        app_dir: the app folder (given by ``monailabel start_server --app``).
+        studies: the studies folder or DICOMweb address (``--studies``).
+        conf: the ``--conf`` options (see :class:`LabelAppConfig`).
+
+    Raises:
+        CheckpointError: missing model option or file, foreign or unsafe checkpoint.
+        AEFlowInputError: an invalid option.
+    """
+
+    def __init__(self, app_dir: str, studies: str, conf: Mapping[str, str] | None) -> None:
+        try:
+            self.app_config = LabelAppConfig.from_conf(conf)
+            cfg = self.app_config
+            self.infer_task = AEFlowInferTask(
+                cfg.model, label_name=cfg.label, device=cfg.device, batch_size=cfg.batch_size, threshold=cfg.threshold
+            )
+        except AEFlowInputError as err:
+            logger.error(f"AE-FLOW app cannot start: {err} (--conf model PATH: a trained .pt file or a bundle folder)")
+            raise
+        scorer = self.infer_task.scorer
+        logger.info(
+            f"AE-FLOW model {scorer.model_path} ({scorer.model_name}) on {scorer.device}, threshold "
+            f"{scorer.threshold} ({scorer.threshold_source or 'none'})"
+        )
+        if scorer.threshold is None:
+            logger.warning(f"AE-FLOW app: {self.infer_task.scorer.model_path}: no threshold, labels will be empty")
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=dict(conf or {}),
+            name="monai-aeflow",
+            description="AE-FLOW unsupervised anomaly detection: lesion mask, anomaly map and scores",
+            version=__version__,
+            labels=[self.app_config.label],
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        """The single AE-FLOW task, named ``conf["name"]`` (default ``aeflow``)."""
+        return {self.app_config.name: self.infer_task}
+
+    def init_trainers(self) -> dict[str, Any]:
+        """No training through MONAI Label: AE-FLOW trains on healthy scans with ``aeflow-cli`` or the bundle."""
+        return {}
+
+    def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
+        """Run MONAI Label's inference, then store the anomaly map of a datastore image as its label tag.
+
+        Args:
+            request: ``{"model", "image", ...}`` as built by ``POST /infer/<model>``.
+            datastore: the datastore (default: the app's).
+
+        Returns:
+            MONAI Label's ``{"label", "tag", "file", "params"}``; ``params["anomaly_map"]`` is
+            ``{"tag", "label_id", "url"}`` when the map was stored, else None (uploaded image, or
+            ``save_anomaly_map`` off).
+
+        Raises:
+            HTTPException: 400 for an input the model cannot score (the message names the problem).
+        """
+        try:
+            result = super().infer(request, datastore)
+        except AEFlowInputError as err:
+            raise HTTPException(status_code=400, detail=str(err)) from err
+        params = result.get("params") or {}
+        map_file = params.pop("anomaly_map_file", None)
+        params["anomaly_map"] = None
+        if not map_file or not os.path.exists(map_file):
+            return result
+        try:
+            image_id = request.get("image")
+            in_datastore = isinstance(image_id, str) and not os.path.exists(image_id)
+            if self.app_config.save_anomaly_map and in_datastore and request.get("model") == self.app_config.name:
+                store = datastore if datastore else self.datastore()
+                label_id = store.save_label(
+                    image_id,
+                    map_file,
+                    ANOMALY_MAP_TAG,
+                    {"model": self.app_config.name, "kind": "float32 anomaly map", "source": "monai-aeflow"},
+                )
+                params["anomaly_map"] = {
+                    "tag": ANOMALY_MAP_TAG,
+                    "label_id": label_id,
+                    "url": f"/datastore/label?label={label_id}&tag={ANOMALY_MAP_TAG}",
+                }
+        finally:
+            remove_file(map_file)
+        return result

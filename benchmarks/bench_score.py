@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from monai_aeflow.checkpoint import save_model
 from monai_aeflow.data.synthetic import generate_cohort
-from monai_aeflow.inference import AnomalyScorer, score_slices, write_outputs
+from monai_aeflow.inference import AnomalyScorer, default_batch_size, score_slices, write_outputs
 from monai_aeflow.networks import AEFlow
 
 
@@ -70,11 +70,13 @@ def model_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def bench_backbone(backbone: str, device: torch.device, size: int, n_slices: int, batch: int, repeats: int) -> dict:
+def bench_backbone(backbone: str, device: torch.device, size: int, n_slices: int, repeats: int) -> dict:
+    """Slices/s of the batched scorer (its default batch size) against a per-slice loop of the same model."""
     # channels-last weights, as AnomalyScorer prepares the network
     net = AEFlow(backbone=backbone, backbone_weights=None).to(device).eval().to(memory_format=torch.channels_last)
     images = torch.rand(n_slices, 1, size, size)
     amp = device.type == "cuda"
+    batch = default_batch_size(device, size, size)
 
     def batched() -> None:
         score_slices(net, images, batch_size=batch, amp=amp)
@@ -85,7 +87,7 @@ def bench_backbone(backbone: str, device: torch.device, size: int, n_slices: int
 
     batched()  # warm-up
     t_batched = _best_of(batched, repeats, device)
-    t_loop = _best_of(loop, max(1, repeats - 1), device)
+    t_loop = _best_of(loop, repeats, device)
     flops = model_flops(net, images[:1].to(device)) * n_slices
     peak = matmul_peak(device)
     return {
@@ -103,7 +105,7 @@ def bench_backbone(backbone: str, device: torch.device, size: int, n_slices: int
     }
 
 
-def bench_end_to_end(backbone: str, device: torch.device, batch: int, work: Path) -> dict:
+def bench_end_to_end(backbone: str, device: torch.device, work: Path) -> dict:
     """One 240 x 240 x 155 volume through the whole scorer, against the model alone on its slices."""
     cohort = generate_cohort(work / "data", 0, 1, seed=3, shape=(240, 240, 155), spacing=(1.0, 1.0, 1.0))
     model_file = work / f"{backbone}.pt"
@@ -114,7 +116,7 @@ def bench_end_to_end(backbone: str, device: torch.device, batch: int, work: Path
         threshold=0.2,
     )
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    scorer = AnomalyScorer(model_file, device=device, batch_size=batch)
+    scorer = AnomalyScorer(model_file, device=device)
     image = cohort[0]["image"]
     scorer.score(image)  # warm-up (allocations, cuDNN autotuning)
     start = time.perf_counter()
@@ -149,9 +151,8 @@ def bench_end_to_end(backbone: str, device: torch.device, batch: int, work: Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--size", type=int, default=240, help="slice size of the throughput test (BraTS: 240)")
+    parser.add_argument("--sizes", default="64,128,240", help="slice sizes of the throughput test (BraTS: 240)")
     parser.add_argument("--slices", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backbones", default="resnet18,wide_resnet50_2")
     parser.add_argument(
@@ -166,13 +167,14 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "throughput": [
-            bench_backbone(b, device, args.size, args.slices, args.batch_size, args.repeats)
+            bench_backbone(b, device, int(size), args.slices, args.repeats)
             for b in args.backbones.split(",")
+            for size in args.sizes.split(",")
         ],
     }
     e2e = args.e2e_backbone or ("wide_resnet50_2" if device.type == "cuda" else "resnet18")
     with tempfile.TemporaryDirectory() as tmp:
-        report["end_to_end"] = bench_end_to_end(e2e, device, args.batch_size, Path(tmp))
+        report["end_to_end"] = bench_end_to_end(e2e, device, Path(tmp))
     json.dump(report, sys.stdout, indent=2)
     print()
 

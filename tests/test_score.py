@@ -367,3 +367,13 @@ def test_score_output_folder_is_evaluated_as_it_is(lesion_case, tmp_path):
     cases = find_cases(tmp_path / "maps", tmp_path / "labels")
     assert [c["name"] for c in cases] == ["case_flair"]
     assert cases[0]["map"].name == "case_flair_anomaly.nii.gz"
+
+
+def test_default_batch_size():
+    from monai_aeflow.inference import default_batch_size
+
+    assert default_batch_size("cuda", 240, 240) == 32
+    assert default_batch_size("cpu", 64, 64) == 64
+    assert default_batch_size("cpu", 128, 128) == 16
+    assert default_batch_size("cpu", 240, 240) == 4
+    assert default_batch_size("cpu", 1024, 1024) == 1

@@ -48,7 +48,7 @@ def _run(
     model: str,
     out: Path,
     device: str,
-    batch_size: int,
+    batch_size: int | None,
     threshold: float | None,
     mask: Path | None,
     overwrite: bool,
@@ -96,7 +96,12 @@ def _run(
     help="Output folder.",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Slices per forward pass.")
+@click.option(
+    "--batch-size",
+    default=None,
+    type=click.IntRange(1),
+    help="Slices per forward pass (default: 32 on CUDA, about 262k pixels per batch on CPU).",
+)
 @click.option("--threshold", type=float, default=None, help="Binarisation threshold (default: the model's).")
 @click.option(
     "--mask",
@@ -113,7 +118,7 @@ def score(
     model: str,
     out: Path,
     device: str,
-    batch_size: int,
+    batch_size: int | None,
     threshold: float | None,
     mask: Path | None,
     overwrite: bool,

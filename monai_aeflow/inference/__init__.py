@@ -11,12 +11,19 @@ from monai_aeflow.inference.pipeline import (
     score_paths,
     write_outputs,
 )
-from monai_aeflow.inference.volume import VolumeResult, pad_to_multiple, score_slices, score_volume
+from monai_aeflow.inference.volume import (
+    VolumeResult,
+    default_batch_size,
+    pad_to_multiple,
+    score_slices,
+    score_volume,
+)
 
 __all__ = [
     "AnomalyScorer",
     "ScoreResult",
     "VolumeResult",
+    "default_batch_size",
     "expand_inputs",
     "output_name",
     "output_paths",

@@ -205,7 +205,8 @@ class AnomalyScorer:
     Args:
         model: a model file or a bundle folder (``models/model.pt``).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        batch_size: slices per forward pass.
+        batch_size: slices per forward pass (``None``: 32 on CUDA, about 262k pixels per batch on CPU, see
+            :func:`~monai_aeflow.inference.default_batch_size`).
         threshold: binarisation threshold of the post-processed map (default: the model's, if any).
         amp: float16 autocast (default: on for CUDA).
         min_brain_voxels: axial slices with fewer brain voxels than this are not scored (map 0, score null).
@@ -220,7 +221,7 @@ class AnomalyScorer:
         self,
         model: str | os.PathLike,
         device: str | torch.device = "auto",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         threshold: float | None = None,
         amp: bool | None = None,
         min_brain_voxels: int = 1,
@@ -228,7 +229,7 @@ class AnomalyScorer:
     ) -> None:
         from monai_aeflow.engines.workflow import resolve_device
 
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise AEFlowInputError(f"batch size must be at least 1, got {batch_size}")
         self.device = resolve_device(device)
         self.model_path = resolve_model_path(model)
@@ -241,7 +242,7 @@ class AnomalyScorer:
         self.beta = float(score_cfg.get("beta", 0.9))
         self.map_kind = str(score_cfg.get("map_kind", "residual"))
         self.in_channels = int(config["model"].get("in_channels", 1))
-        self.batch_size = int(batch_size)
+        self.batch_size = None if batch_size is None else int(batch_size)
         self.amp = amp
         self.min_brain_voxels = int(min_brain_voxels)
         stored = self.checkpoint.get("threshold")

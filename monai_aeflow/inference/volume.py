@@ -13,7 +13,29 @@ import torch.nn.functional as F
 from monai_aeflow.models import get_model_spec, model_name_of
 from monai_aeflow.scores import recon_score
 
-__all__ = ["VolumeResult", "pad_to_multiple", "score_slices", "score_volume"]
+__all__ = ["VolumeResult", "default_batch_size", "pad_to_multiple", "score_slices", "score_volume"]
+
+CPU_BATCH_PIXELS = 262_144
+"""Pixels per batch on CPU (e.g. 16 slices of 128 x 128, 4 of 240 x 240): larger batches stop fitting the caches
+and get slower (measured with ``benchmarks/bench_score.py``)."""
+CUDA_BATCH_SIZE = 32
+
+
+def default_batch_size(device: torch.device | str, height: int, width: int) -> int:
+    """Slices per forward pass: 32 on CUDA; on CPU a power of two keeping about 262k pixels per batch.
+
+    Args:
+        device: where the model runs.
+        height: slice height (after padding).
+        width: slice width (after padding).
+
+    Returns:
+        The batch size (1 to 64).
+    """
+    if torch.device(device).type == "cuda":
+        return CUDA_BATCH_SIZE
+    n = max(1, CPU_BATCH_PIXELS // max(1, height * width))
+    return int(min(64, 2 ** int(np.floor(np.log2(n)))))
 
 
 @dataclass
@@ -55,7 +77,7 @@ def pad_to_multiple(x: torch.Tensor, k: int = 16) -> tuple[torch.Tensor, tuple[i
 def score_slices(
     network: torch.nn.Module,
     images: torch.Tensor,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
     beta: float = 0.9,
     map_kind: str = "residual",
     calibration: Mapping[str, float] | None = None,
@@ -67,7 +89,7 @@ def score_slices(
         network: the model (put in ``eval()`` mode here).
         images: (N, C, H, W) in [0, 1]; H and W need not be multiples of 16 (zero padding is added and
             removed again).
-        batch_size: images per forward pass.
+        batch_size: images per forward pass (``None``: :func:`default_batch_size`).
         beta: weight of the flow score.
         map_kind: pixel map kind (``residual``, ``flow``, ``ssim``).
         calibration: optional score calibration (see :func:`monai_aeflow.scores.image_score`).
@@ -86,6 +108,8 @@ def score_slices(
     fmt = torch.channels_last
     padded, (left, right, top, bottom) = pad_to_multiple(images.float(), spec.size_multiple)
     hp, wp = padded.shape[-2:]
+    if batch_size is None:
+        batch_size = default_batch_size(device, hp, wp)
     crop = (..., slice(top, hp - bottom), slice(left, wp - right))
     chunks: dict[str, list[torch.Tensor]] = {}
     for start in range(0, padded.shape[0], batch_size):

@@ -37,7 +37,7 @@ class LabelAppConfig:
     Args:
         model: trained model file (``.pt``) or bundle folder (``models/model.pt``); required.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
-        batch_size: slices per forward pass.
+        batch_size: slices per forward pass (default: 32 on CUDA, about 262k pixels per batch on CPU).
         threshold: binarisation threshold of the post-processed map (default: the model's).
         label: name of the returned label.
         name: name of the infer task, i.e. the ``<model>`` of ``POST /infer/<model>``.
@@ -46,7 +46,7 @@ class LabelAppConfig:
 
     model: str
     device: str = "auto"
-    batch_size: int = 32
+    batch_size: int | None = None
     threshold: float | None = None
     label: str = "anomaly"
     name: str = "aeflow"

@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="model input size (pixels)")
     parser.add_argument("--shape", type=int, nargs=3, default=[240, 240, 155])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the scorer's (by device and size)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
@@ -88,7 +88,9 @@ def main() -> None:
         app = Path(
             shutil.copytree(ROOT / "apps" / "aeflow_label", work / "app", ignore=shutil.ignore_patterns("__pycache__"))
         )
-        conf = {"model": model, "device": args.device, "batch_size": args.batch_size}
+        conf = {"model": model, "device": args.device}
+        if args.batch_size is not None:
+            conf["batch_size"] = args.batch_size
         env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)

@@ -39,7 +39,7 @@ from monai_aeflow.data.transforms import build_image_preprocessing, build_volume
 from monai_aeflow.errors import AEFlowInputError, CheckpointError
 from monai_aeflow.evaluation.postprocess import PostprocessConfig, postprocess_map, segment
 from monai_aeflow.fileio import atomic_write, atomic_write_json
-from monai_aeflow.inference.volume import score_slices
+from monai_aeflow.inference.volume import score_slices, score_volume
 from monai_aeflow.visualize import most_anomalous_slices, save_slice_panel
 
 __all__ = [
@@ -340,9 +340,9 @@ class AnomalyScorer:
         result.scores["timing"] = timings
         return result
 
-    def _run_model(self, stack: torch.Tensor, timings: dict[str, float]) -> dict[str, torch.Tensor]:
+    def _timed_model(self, run: Callable[[], Any], timings: dict[str, float]) -> Any:
         start = time.perf_counter()
-        out = score_slices(self.network, stack, self.batch_size, self.beta, self.map_kind, amp=self.amp)
+        out = run()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         timings["model_seconds"] = time.perf_counter() - start
@@ -354,19 +354,28 @@ class AnomalyScorer:
         z = brain.shape[-1]
         area = brain.reshape(-1, z).sum(0)
         keep = np.flatnonzero(area >= max(self.min_brain_voxels, 1))
-        amap = np.zeros(brain.shape, np.float32)
-        rec = np.zeros(brain.shape, np.float32)
-        per_slice = {k: np.full(z, np.nan, np.float32) for k in ("score", "score_flow", "score_recon")}
         if keep.size:
-            stack = image.as_subclass(torch.Tensor)[..., keep].permute(3, 0, 1, 2)  # (N, C, X, Y)
-            out = self._run_model(stack, timings)
-            amap[..., keep] = out["anomaly_map"][:, 0].permute(1, 2, 0).numpy()
-            rec[..., keep] = out["reconstruction"].mean(1).permute(1, 2, 0).numpy()
-            for key in per_slice:
-                if key in out:
-                    per_slice[key][keep] = out[key].numpy()
+            res = self._timed_model(
+                lambda: score_volume(
+                    self.network,
+                    image.as_subclass(torch.Tensor),
+                    slices=keep,
+                    batch_size=self.batch_size,
+                    beta=self.beta,
+                    map_kind=self.map_kind,
+                    amp=self.amp,
+                ),
+                timings,
+            )
+            amap, rec = res.anomaly_map, res.reconstruction
+            terms = {"score": res.slice_scores, "score_flow": res.score_flow, "score_recon": res.score_recon}
         else:
             timings["model_seconds"] = 0.0
+            amap, rec, terms = np.zeros(brain.shape, np.float32), np.zeros(brain.shape, np.float32), {}
+        per_slice = {
+            k: terms[k] if terms.get(k) is not None else np.full(z, np.nan, np.float32)
+            for k in ("score", "score_flow", "score_recon")
+        }
         amap *= brain
         # back to the input grid: undo crop/pad, resampling and reorientation
         pipeline = self.pipeline("volume")
@@ -390,7 +399,17 @@ class AnomalyScorer:
     def _score_image(self, data: Mapping[str, Any], timings: dict[str, float]) -> ScoreResult:
         image: MetaTensor = data["image"]
         brain = data["mask"][0].numpy() > 0
-        out = self._run_model(image.as_subclass(torch.Tensor)[None], timings)
+        out = self._timed_model(
+            lambda: score_slices(
+                self.network,
+                image.as_subclass(torch.Tensor)[None],
+                self.batch_size,
+                self.beta,
+                self.map_kind,
+                amp=self.amp,
+            ),
+            timings,
+        )
         amap = out["anomaly_map"][0, 0].numpy() * brain
         shape = tuple(int(s) for s in image.meta.get("spatial_shape", image.shape[1:]))
         map_in = F.interpolate(torch.from_numpy(amap)[None, None], size=shape, mode="bilinear", align_corners=False)

@@ -136,7 +136,7 @@ def score_volume(
     network: torch.nn.Module,
     volume: np.ndarray | torch.Tensor,
     slices: np.ndarray | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
     beta: float = 0.9,
     map_kind: str = "residual",
     calibration: Mapping[str, float] | None = None,
@@ -148,7 +148,7 @@ def score_volume(
         network: the model.
         volume: (X, Y, Z) or (C, X, Y, Z) in [0, 1], RAS, axial slices along the last axis.
         slices: indices of the slices to score (default: all).
-        batch_size: slices per forward pass.
+        batch_size: slices per forward pass (``None``: :func:`default_batch_size`).
         beta: weight of the flow score.
         map_kind: pixel map kind.
         calibration: optional score calibration.

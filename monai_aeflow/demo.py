@@ -19,6 +19,7 @@ from monai.data import DataLoader, Dataset
 from sklearn.metrics import roc_auc_score
 
 from monai_aeflow.checkpoint import load_model
+from monai_aeflow.compare import build_model
 from monai_aeflow.data.slices import SliceDataset, select_slices
 from monai_aeflow.data.synthetic import generate_cohort
 from monai_aeflow.data.transforms import build_volume_preprocessing
@@ -26,7 +27,6 @@ from monai_aeflow.engines.workflow import TrainingConfig, resolve_device, train
 from monai_aeflow.errors import AEFlowInputError
 from monai_aeflow.fileio import atomic_write, atomic_write_json
 from monai_aeflow.inference.volume import score_volume
-from monai_aeflow.networks.aeflow import AEFlow
 from monai_aeflow.visualize import most_anomalous_slices, save_slice_panel
 
 __all__ = ["DemoConfig", "run_demo"]
@@ -83,19 +83,6 @@ def _slice_items(volumes: Sequence[dict], min_fraction: float, healthy_only: boo
     return list(SliceDataset(volumes, min_area_fraction=min_fraction, healthy_only=healthy_only))
 
 
-def _network(cfg: DemoConfig, say: Callable[[str], None]) -> tuple[AEFlow, str]:
-    weights = cfg.backbone_weights
-    if weights == "none":
-        return AEFlow(backbone=cfg.backbone, backbone_weights=None), "random"
-    if weights == "auto":
-        try:
-            return AEFlow(backbone=cfg.backbone, backbone_weights="imagenet"), "imagenet"
-        except AEFlowInputError as err:
-            say(f"warning: ImageNet weights unavailable ({str(err).split('.')[0]}); using a random encoder")
-            return AEFlow(backbone=cfg.backbone, backbone_weights=None), "random"
-    return AEFlow(backbone=cfg.backbone, backbone_weights=weights), str(weights)
-
-
 def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Generate a synthetic cohort, train AE-FLOW on its healthy slices and score lesioned test volumes.
 
@@ -147,7 +134,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
 
     say(f"[2/4] training AE-FLOW ({cfg.backbone}) for {cfg.epochs} epochs on {device}")
     torch.manual_seed(cfg.seed)
-    net, weights_used = _network(cfg, say)
+    net, info = build_model("aeflow", backbone=cfg.backbone, backbone_weights=cfg.backbone_weights, say=say)
+    weights_used = info["backbone_weights"]
     gen = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(Dataset(train_items), batch_size=cfg.batch_size, shuffle=True, generator=gen)
     val_loader = DataLoader(Dataset(val_items), batch_size=cfg.batch_size * 2)

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from aeflow_cli.common import run_guarded
-from aeflow_cli.train import data_config, data_options
+from aeflow_cli.train import backbone_options, data_config, data_options
 
 __all__ = ["compare"]
 
@@ -83,19 +83,7 @@ Examples:
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(1), help="Training epochs of every model.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate of every model.")
-@click.option(
-    "--backbone",
-    default="resnet18",
-    show_default=True,
-    type=click.Choice(["resnet18", "wide_resnet50_2"]),
-    help="Encoder of aeflow / flowonly.",
-)
-@click.option(
-    "--backbone-weights",
-    default="auto",
-    show_default=True,
-    help="'auto' (ImageNet if available, else random), 'imagenet', 'none' or a local .pth file.",
-)
+@backbone_options
 @click.option("--model-arg", multiple=True, metavar="MODEL.KEY=VALUE", help="Network argument, e.g. vae.latent_dim=64.")
 @click.option("--loss-arg", multiple=True, metavar="MODEL.KEY=VALUE", help="Loss option, e.g. vqgan.adv_weight=0.1.")
 @click.option(

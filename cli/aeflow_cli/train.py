@@ -10,9 +10,26 @@ import click
 
 from aeflow_cli.common import run_guarded
 
-__all__ = ["train", "data_options"]
+__all__ = ["train", "backbone_options", "data_options"]
 
 _DATASETS = ("brats", "ixi", "atlas", "folder")
+
+
+def backbone_options(fn: Any) -> Any:
+    """The encoder options shared by ``train`` and ``compare``."""
+    fn = click.option(
+        "--backbone-weights",
+        default="auto",
+        show_default=True,
+        help="'auto' (ImageNet if available, else random), 'imagenet', 'none' or a local .pth file.",
+    )(fn)
+    return click.option(
+        "--backbone",
+        default="resnet18",
+        show_default=True,
+        type=click.Choice(["resnet18", "wide_resnet50_2"]),
+        help="Encoder of aeflow / flowonly.",
+    )(fn)
 
 
 def data_options(fn: Any) -> Any:
@@ -175,19 +192,7 @@ Examples:
 @click.option("--weight-decay", default=1e-5, show_default=True, type=float)
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="AE-FLOW flow loss weight.")
 @click.option("--beta", default=0.9, show_default=True, type=click.FloatRange(0, 1), help="AE-FLOW flow score weight.")
-@click.option(
-    "--backbone",
-    default="resnet18",
-    show_default=True,
-    type=click.Choice(["resnet18", "wide_resnet50_2"]),
-    help="Encoder of aeflow / flowonly.",
-)
-@click.option(
-    "--backbone-weights",
-    default="auto",
-    show_default=True,
-    help="'auto' (ImageNet if available, else random), 'imagenet', 'none' or a local .pth file.",
-)
+@backbone_options
 @click.option("--model-arg", multiple=True, metavar="KEY=VALUE", help="Network argument (JSON value), repeatable.")
 @click.option("--loss-arg", multiple=True, metavar="KEY=VALUE", help="Loss option (JSON value), repeatable.")
 @click.option("--no-validation", is_flag=True, help="Keep the last model instead of the best on validation.")

@@ -32,7 +32,6 @@ __all__ = [
     "get_model_spec",
     "model_name_of",
     "register_model",
-    "score_batch",
     "trainable_parameters",
 ]
 
@@ -150,25 +149,6 @@ def trainable_parameters(network: nn.Module) -> list[nn.Parameter]:
     if hasattr(net, "trainable_parameters"):
         return list(net.trainable_parameters())
     return [p for p in net.parameters() if p.requires_grad]
-
-
-def score_batch(
-    network: nn.Module, x: torch.Tensor, beta: float = 0.9, map_kind: str = "residual", name: str | None = None
-) -> dict[str, torch.Tensor]:
-    """Image scores, pixel maps and reconstructions of one batch with the network's own scorer.
-
-    Args:
-        network: a registered model, in the mode the caller chose.
-        x: (B, C, H, W) images in [0, 1].
-        beta: flow weight of AE-FLOW's image score (ignored by models without a flow).
-        map_kind: pixel map kind (models without a flow accept ``residual`` and ``ssim``).
-        name: registry key (default: looked up from the network's class).
-
-    Returns:
-        ``{"score": (B,), "anomaly_map": (B, 1, H, W), "recon": (B, C, H, W), ...}`` in float32.
-    """
-    spec = get_model_spec(name or model_name_of(network))
-    return spec.score(network, x, beta=beta, map_kind=map_kind)
 
 
 def aeflow_score(network: nn.Module, x: torch.Tensor, beta: float = 0.9, map_kind: str = "residual") -> dict:

@@ -12,10 +12,13 @@ import torch
 from ignite.engine import Engine, Events
 from sklearn.metrics import roc_auc_score
 
-from monai_aeflow.checkpoint import save_model
+from monai_aeflow.checkpoint import atomic_torch_save, save_model
 
 __all__ = [
+    "BestMetricState",
     "ConfigState",
+    "RandomState",
+    "ResumableCheckpointSaver",
     "ValidationStatsHandler",
     "ImageGridHandler",
     "LearningRateLogger",
@@ -38,6 +41,101 @@ class ConfigState:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.config = dict(state)
+
+
+class BestMetricState:
+    """Makes an evaluator's best key metric (value and epoch) part of a checkpoint, so that a resumed run
+    keeps the best model of the epochs before the interruption instead of replacing it with the next one.
+
+    Args:
+        evaluator: a MONAI evaluator (its ``state.best_metric`` and ``state.best_metric_epoch``).
+    """
+
+    def __init__(self, evaluator: Engine) -> None:
+        self.evaluator = evaluator
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.evaluator.state
+        return {"best_metric": float(state.best_metric), "best_metric_epoch": int(state.best_metric_epoch)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.evaluator.state.best_metric = float(state["best_metric"])
+        self.evaluator.state.best_metric_epoch = int(state["best_metric_epoch"])
+
+
+class RandomState:
+    """torch's random generators (CPU, CUDA) and the data loader's shuffling generator, as checkpoint state.
+
+    Restored at resume, the epochs after the checkpoint draw the same batches and random numbers as in a run
+    that was never interrupted.
+
+    Args:
+        generator: the ``torch.Generator`` of the training loader's sampler, if it has one.
+    """
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "loader": None if self.generator is None else self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        cuda = list(state.get("cuda") or [])
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        if self.generator is not None and state.get("loader") is not None:
+            self.generator.set_state(state["loader"])
+
+
+class ResumableCheckpointSaver:
+    """Writes resumable training checkpoints atomically (temporary file, then rename).
+
+    ``checkpoint_epoch=N.pt`` every ``save_interval`` epochs (the previous epoch and final checkpoints are
+    removed once it is written) and ``checkpoint_final_iteration=N.pt`` when training completes. Each holds
+    the ``state_dict()`` of every object of ``save_dict``: plain tensors, numbers and strings, readable with
+    ``torch.load(..., weights_only=True)``. A run killed while a checkpoint is written keeps the previous one
+    intact, never a truncated file under a checkpoint's name. MONAI's ``CheckpointSaver`` writes in place.
+
+    Args:
+        save_dir: the run folder.
+        save_dict: objects with ``state_dict()`` (network, optimiser, trainer, ...).
+        save_interval: save every this many epochs.
+    """
+
+    EPOCH_GLOB = "checkpoint_epoch=*.pt"
+    FINAL_GLOB = "checkpoint_final_iteration=*.pt"
+
+    def __init__(self, save_dir: str | os.PathLike, save_dict: Mapping[str, Any], save_interval: int = 1) -> None:
+        self.save_dir = Path(save_dir)
+        self.save_dict = dict(save_dict)
+        self.save_interval = max(int(save_interval), 1)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self._save_epoch)
+        engine.add_event_handler(Events.COMPLETED, self._save_final)
+
+    def state(self) -> dict[str, Any]:
+        """The checkpoint content: ``{name: obj.state_dict()}``."""
+        return {name: obj.state_dict() for name, obj in self.save_dict.items()}
+
+    def _save(self, name: str, stale: tuple[str, ...]) -> Path:
+        path = atomic_torch_save(self.state(), self.save_dir / name)
+        for pattern in stale:
+            for old in self.save_dir.glob(pattern):
+                if old.name != path.name:
+                    old.unlink(missing_ok=True)
+        return path
+
+    def _save_epoch(self, engine: Engine) -> None:
+        self._save(f"checkpoint_epoch={engine.state.epoch}.pt", (self.EPOCH_GLOB, self.FINAL_GLOB))
+
+    def _save_final(self, engine: Engine) -> None:
+        self._save(f"checkpoint_final_iteration={engine.state.iteration}.pt", (self.FINAL_GLOB,))
 
 
 class ValidationStatsHandler:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -41,6 +43,31 @@ def slice_labels(label: torch.Tensor | None, batch_size: int, device: torch.devi
     return (label.reshape(batch_size, -1)[:, 0] > 0).float()
 
 
+class _NoInterruptLog(logging.Filter):
+    """Drops ignite's "Engine run is terminating due to exception" record when the exception is a Ctrl-C."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and isinstance(sys.exc_info()[1], KeyboardInterrupt))
+
+
+class _QuietInterrupt:
+    """Lets a KeyboardInterrupt (Ctrl-C) leave ``Engine.run`` without logging a traceback.
+
+    Ignite logs an error and fires ``EXCEPTION_RAISED`` for every exception, and MONAI's ``StatsHandler`` logs
+    the traceback there (``CheckpointSaver`` would also write a checkpoint from the middle of an epoch). A
+    KeyboardInterrupt skips those handlers and propagates to the caller, which reports it in one line.
+    """
+
+    def _quiet_interrupts(self) -> None:
+        if not any(isinstance(f, _NoInterruptLog) for f in self.logger.filters):
+            self.logger.addFilter(_NoInterruptLog())
+
+    def _handle_exception(self, e: BaseException) -> None:
+        if isinstance(e, KeyboardInterrupt):
+            raise e
+        super()._handle_exception(e)  # type: ignore[misc]
+
+
 def _to_device(x: Any, device: torch.device, non_blocking: bool, memory_format: torch.memory_format) -> Any:
     if isinstance(x, torch.Tensor):
         x = x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
@@ -49,7 +76,7 @@ def _to_device(x: Any, device: torch.device, non_blocking: bool, memory_format: 
     return x
 
 
-class AEFlowTrainer(SupervisedTrainer):
+class AEFlowTrainer(_QuietInterrupt, SupervisedTrainer):
     """Trains a registered model (AE-FLOW: its flow and decoder) on healthy images.
 
     Each iteration reads ``batch["image"]`` (B, C, H, W) in [0, 1], runs the network, and minimises the loss
@@ -57,7 +84,8 @@ class AEFlowTrainer(SupervisedTrainer):
     ``engine.state.output`` holds ``image``, ``pred`` (the reconstruction ``output.x_rec``), ``loss`` and
     every other term of the loss dict (``loss_flow``, ``loss_recon``, ``loss_kl``...); it is not decollated,
     so ``from_engine(["loss"])`` gives a scalar. A loss with a ``discriminator_step(output, x)`` method (an
-    adversarial baseline) has it called after each generator step. Every other argument is MONAI's
+    adversarial baseline) has it called after each generator step. A KeyboardInterrupt (Ctrl-C) propagates
+    without a logged traceback and without ``EXCEPTION_RAISED`` handlers. Every other argument is MONAI's
     ``SupervisedTrainer``'s (handlers, AMP, epoch length, ...).
 
     Args:
@@ -98,6 +126,7 @@ class AEFlowTrainer(SupervisedTrainer):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.flow_init_images = flow_init_images
         self.add_event_handler(Events.STARTED, self._initialize_flow)
+        self._quiet_interrupts()
 
     def _initialize_flow(self, engine: AEFlowTrainer) -> None:
         """Data-dependent initialisation of the flow's ActNorm layer from up to ``flow_init_images`` images."""
@@ -156,7 +185,7 @@ class AEFlowTrainer(SupervisedTrainer):
         return engine.state.output
 
 
-class AEFlowEvaluator(SupervisedEvaluator):
+class AEFlowEvaluator(_QuietInterrupt, SupervisedEvaluator):
     """Scores a labelled validation split with the model's image score and anomaly map.
 
     ``engine.state.output`` holds ``image``, ``pred`` (image score, (B,)), ``label`` (0/1 per image, taken
@@ -191,6 +220,7 @@ class AEFlowEvaluator(SupervisedEvaluator):
         self.map_kind = map_kind
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model_spec = get_model_spec(model_name_of(network))
+        self._quiet_interrupts()
 
     def _iteration(self, engine: AEFlowEvaluator, batchdata: Mapping[str, Any]) -> dict[str, Any]:
         if batchdata is None:

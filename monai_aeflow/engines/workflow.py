@@ -22,8 +22,6 @@ import torch
 from ignite.engine import Events
 from monai.handlers import (
     ROCAUC,
-    CheckpointLoader,
-    CheckpointSaver,
     StatsHandler,
     TensorBoardStatsHandler,
     ValidationHandler,
@@ -31,20 +29,185 @@ from monai.handlers import (
 )
 from torch.utils.tensorboard import SummaryWriter
 
+from monai_aeflow.checkpoint import read_checkpoint
 from monai_aeflow.engines.handlers import (
+    BestMetricState,
     ConfigState,
     ImageGridHandler,
     LearningRateLogger,
     ModelExportHandler,
+    RandomState,
+    ResumableCheckpointSaver,
     ValidationStatsHandler,
 )
 from monai_aeflow.engines.trainer import AEFlowEvaluator, AEFlowTrainer
-from monai_aeflow.errors import AEFlowInputError
+from monai_aeflow.errors import AEFlowInputError, CheckpointError
 from monai_aeflow.models import get_model_spec, model_name_of, trainable_parameters
 
-__all__ = ["TrainingConfig", "resolve_device", "create_engines", "train"]
+__all__ = [
+    "TrainingConfig",
+    "resolve_device",
+    "create_engines",
+    "train",
+    "find_checkpoint",
+    "read_training_checkpoint",
+    "checkpoint_epoch",
+    "check_output_dir",
+    "previous_run_files",
+    "clear_previous_run",
+]
 
 MODEL_FILE = "model.pt"
+_RUN_GLOBS = (MODEL_FILE, ResumableCheckpointSaver.EPOCH_GLOB, ResumableCheckpointSaver.FINAL_GLOB)
+
+
+def _number(path: Path) -> int:
+    """N of ``checkpoint_epoch=N.pt`` / ``checkpoint_final_iteration=N.pt`` (-1 when it does not parse)."""
+    try:
+        return int(path.stem.rsplit("=", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint to resume from: ``path`` itself when it is a file, else the latest one of the run folder.
+
+    The latest checkpoint of a folder is its ``checkpoint_final_iteration=N.pt`` when the run completed, else its
+    ``checkpoint_epoch=N.pt`` with the largest N.
+
+    Args:
+        path: a checkpoint file or a run folder.
+
+    Returns:
+        The checkpoint file.
+
+    Raises:
+        CheckpointError: nothing at ``path``, or a folder without checkpoint.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for pattern in (ResumableCheckpointSaver.FINAL_GLOB, ResumableCheckpointSaver.EPOCH_GLOB):
+            found = sorted(path.glob(pattern), key=_number)
+            if found:
+                return found[-1]
+        raise CheckpointError(
+            "no checkpoint to resume from (checkpoint_epoch=N.pt is written at the end of each epoch); "
+            "start the run again with --overwrite",
+            path=path,
+        )
+    if not path.exists():
+        raise CheckpointError("checkpoint or run folder to resume from not found", path=path)
+    return path
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a resumable training checkpoint safely (``weights_only=True``) and check that it can be resumed.
+
+    Args:
+        path: a ``checkpoint_epoch=N.pt`` / ``checkpoint_final_iteration=N.pt`` file.
+
+    Returns:
+        The checkpoint dict (``network``, ``optimizer``, ``trainer``, ``config`` and, when saved, ``evaluator``
+        and ``rng``).
+
+    Raises:
+        CheckpointError: a missing, truncated or unsafe file, or a file without optimiser and trainer state
+            (a ``model.pt`` holds the weights only).
+    """
+    ckpt = read_checkpoint(path)
+    trainer = ckpt.get("trainer")
+    if not isinstance(ckpt.get("optimizer"), Mapping) or not isinstance(trainer, Mapping):
+        raise CheckpointError(
+            "not a resumable training checkpoint (no optimiser and trainer state; model files cannot be resumed: "
+            "give the run folder or its checkpoint_epoch=N.pt)",
+            path=path,
+        )
+    iteration, length = trainer.get("iteration"), trainer.get("epoch_length")
+    if not isinstance(iteration, int) or not isinstance(length, int) or length < 1 or iteration < 0:
+        raise CheckpointError("invalid trainer state in the checkpoint (iteration / epoch length)", path=path)
+    return ckpt
+
+
+def checkpoint_epoch(ckpt: Mapping[str, Any]) -> int:
+    """Epochs completed when a training checkpoint was saved.
+
+    Args:
+        ckpt: a checkpoint of :func:`read_training_checkpoint`.
+
+    Returns:
+        The epoch count.
+    """
+    return int(ckpt["trainer"]["iteration"]) // int(ckpt["trainer"]["epoch_length"])
+
+
+def previous_run_files(output_dir: str | os.PathLike) -> list[Path]:
+    """The model file and checkpoints of a run in ``output_dir`` (empty when there is none).
+
+    Args:
+        output_dir: a run folder.
+
+    Returns:
+        The files, sorted.
+    """
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    return sorted({p for pattern in _RUN_GLOBS for p in out.glob(pattern) if p.is_file()})
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False, existing_run_ok: bool = False) -> None:
+    """Check, without writing anything, that a run can be written to ``output_dir``.
+
+    Args:
+        output_dir: the run folder (created later when missing).
+        overwrite: a folder holding a run (``model.pt`` or checkpoints) may be reused (see
+            :func:`clear_previous_run`).
+        existing_run_ok: do not check for a previous run (resuming in its own folder).
+
+    Raises:
+        AEFlowInputError: the folder cannot be created or written, or it holds a run and ``overwrite`` is False.
+    """
+    out = Path(output_dir)
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "it is a file" if probe == out else f"{probe} is not a folder"
+        raise AEFlowInputError(f"cannot create the output folder ({what})", path=out)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == out else f"cannot be created ({probe} is not writable)"
+        raise AEFlowInputError(f"the output folder {what}", path=out)
+    if overwrite or existing_run_ok:
+        return
+    previous = previous_run_files(out)
+    if previous:
+        raise AEFlowInputError(
+            f"the output folder holds a previous run ({', '.join(p.name for p in previous)}); give --overwrite "
+            f"to replace it, --resume {out} to continue it, or another --out",
+            path=out,
+        )
+
+
+def clear_previous_run(output_dir: str | os.PathLike) -> list[Path]:
+    """Remove the model file, checkpoints and TensorBoard events of a previous run, so that two runs never mix.
+
+    Other files (e.g. a synthetic cohort in ``data/``) are kept.
+
+    Args:
+        output_dir: the run folder.
+
+    Returns:
+        The files removed.
+    """
+    out = Path(output_dir)
+    removed = previous_run_files(out)
+    if out.is_dir():
+        # temporary files of writes that were killed, and the TensorBoard logs of the previous run
+        removed += [p for p in out.glob(".*.tmp*") if p.is_file()]
+        removed += [p for p in (out / "tensorboard").glob("events.out.tfevents.*") if p.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -74,7 +237,8 @@ class TrainingConfig:
         amp: mixed precision (CUDA only).
         channels_last: channels-last memory format (CUDA only).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        resume: a training checkpoint to resume from (network, optimiser and epoch counter).
+        resume: a training checkpoint to resume from: network, optimiser, trainer state (epoch and iteration),
+            best validation metric and random generators; training continues up to ``max_epochs``.
         epoch_length: iterations per epoch (default: the loader's length).
         grid_images: rows of the TensorBoard image grid.
         progress: show a progress bar and per-epoch metrics on the console.
@@ -83,6 +247,8 @@ class TrainingConfig:
         preprocessing: the preprocessing configuration, stored in the model file for inference.
         loss_options: keyword arguments of the model's loss (baselines, e.g. ``{"kl_weight": 0.5}`` for the
             VAE; see :mod:`monai_aeflow.baselines`), stored with the other training settings.
+        run_options: the options of the command that started the run (``aeflow-cli train``), stored in the
+            checkpoints so that ``--resume`` reuses the same data and settings.
     """
 
     output_dir: str = "runs/aeflow"
@@ -105,6 +271,7 @@ class TrainingConfig:
     seed: int = 0
     preprocessing: dict[str, Any] = field(default_factory=dict)
     loss_options: dict[str, Any] = field(default_factory=dict)
+    run_options: dict[str, Any] = field(default_factory=dict)
 
     def model_config(self) -> dict[str, Any]:
         """The configuration stored with the trained model (everything but the network's own arguments)."""
@@ -127,9 +294,10 @@ def create_engines(
     Handlers: console and TensorBoard losses (``loss`` and every ``loss_*`` term of the model's loss), learning rate,
     validation AUROC (MONAI ``ROCAUC`` on slice labels, the key metric) plus flow-only / recon-only
     AUROC and pixel AUROC, a TensorBoard image grid per validation, a resumable checkpoint
-    (``checkpoint_*.pt``: network, optimiser, trainer, configuration) every ``checkpoint_every`` epochs,
-    and ``model.pt`` (see :mod:`monai_aeflow.checkpoint`) whenever the validation AUROC improves, or at
-    the end when there is no validation split.
+    (``checkpoint_epoch=N.pt``, written atomically: network, optimiser, trainer, best validation metric, random
+    generators, configuration) every ``checkpoint_every`` epochs and at the end, and ``model.pt`` (see
+    :mod:`monai_aeflow.checkpoint`) whenever the validation AUROC improves, or at the end when there is no
+    validation split. With ``config.resume`` the checkpoint is loaded before the run starts.
 
     Args:
         network: the model (flow and decoder are trained).
@@ -141,6 +309,7 @@ def create_engines(
         ``(trainer, evaluator)``; call ``trainer.run()``.
     """
     device = resolve_device(config.device)
+    resume = _read_resume_checkpoint(config)  # before anything is written
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -219,25 +388,14 @@ def create_engines(
         ModelExportHandler(network, model_path, model_cfg).attach(trainer, on_improvement=False)
 
     config_state = ConfigState({**model_cfg, "model": dict(network.hparams), "model_name": spec.name})
-    save_dict = {"network": network, "optimizer": optimizer, "trainer": trainer, "config": config_state}
-    CheckpointSaver(
-        save_dir=str(out_dir),
-        save_dict=save_dict,
-        file_prefix="",
-        save_interval=config.checkpoint_every,
-        epoch_level=True,
-        n_saved=1,
-        save_final=True,
-    ).attach(trainer)
-    if config.resume:
-        resume = Path(config.resume)
-        if not resume.is_file():
-            raise AEFlowInputError("checkpoint to resume from not found", path=resume)
-        CheckpointLoader(
-            load_path=str(resume),
-            load_dict={"network": network, "optimizer": optimizer, "trainer": trainer},
-            map_location=device,
-        ).attach(trainer)
+    save_dict: dict[str, Any] = {"network": network, "optimizer": optimizer, "trainer": trainer, "config": config_state}
+    if evaluator is not None:
+        save_dict["evaluator"] = BestMetricState(evaluator)
+    save_dict["rng"] = RandomState(getattr(train_loader, "generator", None))
+    # attached after the ValidationHandler: a checkpoint holds the validation result of its epoch
+    ResumableCheckpointSaver(out_dir, save_dict, save_interval=config.checkpoint_every).attach(trainer)
+    if resume is not None:
+        _resume(*resume, config, save_dict, train_loader)
     if config.progress:
         from ignite.handlers import ProgressBar
 
@@ -253,6 +411,49 @@ def create_engines(
     trainer.summary_writer = writer
     trainer.model_path = model_path
     return trainer, evaluator
+
+
+def _read_resume_checkpoint(config: TrainingConfig) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint of ``config.resume`` (path and content), checked; None when not resuming."""
+    if not config.resume:
+        return None
+    path = find_checkpoint(config.resume)
+    ckpt = read_training_checkpoint(path)
+    done = checkpoint_epoch(ckpt)
+    if done >= config.max_epochs:
+        raise AEFlowInputError(
+            f"the run already trained {done} epochs (of {config.max_epochs}); give --epochs N with N > {done} to "
+            "train longer",
+            path=path,
+        )
+    return path, ckpt
+
+
+def _resume(
+    path: Path, ckpt: Mapping[str, Any], config: TrainingConfig, save_dict: Mapping[str, Any], train_loader: Iterable
+) -> None:
+    """Load a training checkpoint into the objects of ``save_dict`` before the run starts."""
+    network, trainer = save_dict["network"], save_dict["trainer"]
+    try:
+        network.load_state_dict(ckpt["network"])
+        save_dict["optimizer"].load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        msg = str(err).splitlines()[0] if str(err) else err.__class__.__name__
+        raise CheckpointError(f"the checkpoint does not fit this model ({msg})", path=path) from None
+    length = ckpt["trainer"]["epoch_length"]
+    if config.epoch_length is None and hasattr(train_loader, "__len__") and len(train_loader) != length:
+        raise AEFlowInputError(
+            f"the training data differ from the run's: {len(train_loader)} batches per epoch, the checkpoint has "
+            f"{length}",
+            path=path,
+        )
+    trainer.load_state_dict({**ckpt["trainer"], "max_epochs": config.max_epochs})
+    for name in ("evaluator", "rng"):
+        if name in save_dict and isinstance(ckpt.get(name), Mapping):
+            save_dict[name].load_state_dict(ckpt[name])
+    logging.getLogger("monai_aeflow").info(
+        "resuming from %s (epoch %d of %d)", path, checkpoint_epoch(ckpt), config.max_epochs
+    )
 
 
 def train(
@@ -282,7 +483,10 @@ def train(
 
     logging.getLogger("monai_aeflow").debug("training in %s", os.fspath(config.output_dir))
     start = time.perf_counter()
-    trainer.run()
+    try:
+        trainer.run()
+    finally:
+        trainer.summary_writer.close()  # flushes the TensorBoard events of an interrupted run too
     seconds = time.perf_counter() - start
     summary: dict[str, Any] = {
         "model_path": str(trainer.model_path),

@@ -11,6 +11,8 @@ A model file is a dict of tensors, strings and numbers saved with ``torch.save``
      "threshold_protocol": {...}}
 
 Training checkpoints written by the engine (``network``, ``optimizer``, ``trainer``, ``config``) load too.
+Every stored setting is validated when the file is read (:mod:`monai_aeflow.model_config`), so a value of the
+wrong type or range is refused with one line naming the file and the key, before any network is built.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 from monai_aeflow.errors import CheckpointError
 from monai_aeflow.fileio import atomic_write
+from monai_aeflow.model_config import validate_model_config
 from monai_aeflow.models import build_network, get_model_spec, model_name_of
 
 __all__ = ["FORMAT", "atomic_torch_save", "save_model", "read_checkpoint", "load_model"]
@@ -79,7 +82,7 @@ def save_model(
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a model file or training checkpoint safely (``weights_only=True``) and check its structure.
+    """Read a model file or training checkpoint safely (``weights_only=True``) and check its contents.
 
     Args:
         path: the ``.pt`` file.
@@ -88,7 +91,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         The checkpoint dict, with at least ``"network"`` and ``"config"`` (containing ``"model"``).
 
     Raises:
-        CheckpointError: missing file, a pickle that is not a plain state dict, or a file of another model.
+        CheckpointError: missing file, a pickle that is not a plain state dict, a file of another model, or a
+            stored setting of the wrong type or range (see :func:`~monai_aeflow.model_config.validate_model_config`).
     """
     path = Path(path)
     if not path.exists():
@@ -111,6 +115,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     fmt = ckpt.get("format", FORMAT)
     if fmt != FORMAT:
         raise CheckpointError(f"unsupported checkpoint format {fmt!r} (expected {FORMAT!r})", path=path)
+    validate_model_config(ckpt, path)
     return dict(ckpt)
 
 

@@ -8,18 +8,29 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.utils.others.generic import remove_file
 
 from monai_aeflow import __version__
 from monai_aeflow.errors import AEFlowInputError, CheckpointError
 from monai_aeflow.label.infer import AEFlowInferTask
+from monai_aeflow.label.routes import InferQueue, install_infer_route, make_infer_endpoint
+from monai_aeflow.label.validation import (
+    SERVER_IMAGE_KEY,
+    RequestError,
+    ServerImage,
+    is_safe_tag,
+    resolve_brain_mask,
+    resolve_image,
+)
 
 __all__ = ["ANOMALY_MAP_TAG", "AEFlowLabelApp", "LabelAppConfig"]
 
@@ -42,6 +53,7 @@ class LabelAppConfig:
         label: name of the returned label.
         name: name of the infer task, i.e. the ``<model>`` of ``POST /infer/<model>``.
         save_anomaly_map: store the float anomaly map of each datastore image as its label tag ``anomaly_map``.
+        max_queue: inference requests waiting or running at once; more are answered 503 (try again later).
     """
 
     model: str
@@ -51,6 +63,7 @@ class LabelAppConfig:
     label: str = "anomaly"
     name: str = "aeflow"
     save_anomaly_map: bool = True
+    max_queue: int = 16
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str] | None) -> LabelAppConfig:
@@ -79,6 +92,10 @@ class LabelAppConfig:
         try:
             if conf.get("batch_size"):
                 kwargs["batch_size"] = int(conf["batch_size"])
+            if conf.get("max_queue"):
+                kwargs["max_queue"] = int(conf["max_queue"])
+                if kwargs["max_queue"] < 1:
+                    raise ValueError(f"max_queue must be at least 1, not {kwargs['max_queue']}")
             if conf.get("threshold") not in (None, "", "none", "None"):
                 kwargs["threshold"] = float(conf["threshold"])
         except ValueError as err:
@@ -122,6 +139,7 @@ class AEFlowLabelApp(MONAILabelApp):
         except AEFlowInputError as err:
             logger.error(f"AE-FLOW app cannot start: {err} (--conf model PATH: a trained .pt file or a bundle folder)")
             raise
+        self.queue = InferQueue(self.app_config.max_queue)
         scorer = self.infer_task.scorer
         logger.info(
             f"AE-FLOW model {scorer.model_path} ({scorer.model_name}) on {scorer.device}, threshold "
@@ -147,11 +165,40 @@ class AEFlowLabelApp(MONAILabelApp):
         """No training through MONAI Label: AE-FLOW trains on healthy scans with ``aeflow-cli`` or the bundle."""
         return {}
 
+    def on_init_complete(self) -> None:
+        """Replace MONAI Label's ``POST /infer/<model>`` route by the app's own (see :mod:`monai_aeflow.label.routes`).
+
+        Runs when the server has started (``monailabel start_server``); outside a server there is no route.
+        """
+        super().on_init_complete()
+        server = sys.modules.get("monailabel.app")
+        if server is not None and hasattr(server, "app"):
+            install_infer_route(server.app, make_infer_endpoint(self, self.queue))
+
+    def info(self) -> dict[str, Any]:
+        """MONAI Label's ``/info/`` plus ``aeflow_queue``: requests waiting or running, and the most allowed."""
+        info = super().info()
+        info["aeflow_queue"] = self.queue.info()
+        return info
+
+    def infer_wsi(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
+        """Not served: AE-FLOW scores volumes and 2D images through ``POST /infer/<model>``.
+
+        Raises:
+            HTTPException: 400 always.
+        """
+        raise HTTPException(status_code=400, detail="the AE-FLOW app has no whole-slide inference: POST /infer/<model>")
+
     def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
-        """Run MONAI Label's inference, then store the anomaly map of a datastore image as its label tag.
+        """Score a datastore image (or the server's own upload / session file), store its anomaly map as a label tag.
+
+        The client's ``image`` is only ever looked up as a datastore id (a path, or an id the datastore does not
+        hold, gets the same 404); ``brain_mask`` is a label tag of that image in the datastore. Only the app's own
+        endpoint can hand over a server-side file, as a :class:`~monai_aeflow.label.validation.ServerImage`.
 
         Args:
-            request: ``{"model", "image", ...}`` as built by ``POST /infer/<model>``.
+            request: ``{"model", "image", ...}`` as built by ``POST /infer/<model>`` (or MONAI Label's batch
+                inference).
             datastore: the datastore (default: the app's).
 
         Returns:
@@ -160,22 +207,50 @@ class AEFlowLabelApp(MONAILabelApp):
             ``save_anomaly_map`` off).
 
         Raises:
-            HTTPException: 400 for an input the model cannot score (the message names the problem).
+            HTTPException: 404 for an unknown image, 400 for a bad option or an input the model cannot score
+                (the message names the problem).
         """
+        store = datastore if datastore else self.datastore()
         try:
-            result = super().infer(request, datastore)
+            if not isinstance(request, Mapping):
+                raise RequestError(400, "the request must be a JSON object")
+            request = dict(request)
+            server_image = request.pop(SERVER_IMAGE_KEY, None)
+            mask_tag = request.pop("brain_mask", None)
+            image_id = None
+            if isinstance(server_image, ServerImage):
+                if mask_tag is not None:
+                    raise RequestError(400, "brain_mask is a label tag of a datastore image: not for an uploaded file")
+                request["image"] = server_image.path
+            else:
+                image_id = request.get("image")
+                request["image"] = resolve_image(store, image_id)
+                if mask_tag is not None:
+                    request["brain_mask"] = resolve_brain_mask(store, image_id, mask_tag)
+            save_label = bool(request.pop("save_label", False)) and image_id is not None
+            label_tag = request.pop("label_tag", DefaultLabelTag.ORIGINAL.value)
+            if not is_safe_tag(label_tag):
+                raise RequestError(400, "label_tag must be a datastore label tag (letters, digits, '_', '.', '-')")
+            result = super().infer(request, store)
+        except RequestError as err:
+            raise HTTPException(status_code=err.status, detail=err.message) from None
         except AEFlowInputError as err:
             raise HTTPException(status_code=400, detail=str(err)) from err
         params = result.get("params") or {}
         map_file = params.pop("anomaly_map_file", None)
         params["anomaly_map"] = None
+        if save_label and result.get("file") and os.path.exists(result["file"]):
+            info = {"model": self.app_config.name, "params": params}
+            result["label"] = store.save_label(image_id, result["file"], label_tag, info)
+            result["tag"] = label_tag
         if not map_file or not os.path.exists(map_file):
             return result
         try:
-            image_id = request.get("image")
-            in_datastore = isinstance(image_id, str) and not os.path.exists(image_id)
-            if self.app_config.save_anomaly_map and in_datastore and request.get("model") == self.app_config.name:
-                store = datastore if datastore else self.datastore()
+            if (
+                self.app_config.save_anomaly_map
+                and image_id is not None
+                and request.get("model") == self.app_config.name
+            ):
                 label_id = store.save_label(
                     image_id,
                     map_file,

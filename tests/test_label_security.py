@@ -8,6 +8,7 @@ Skipped when MONAI Label is not installed (see the README, section MONAI Label).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -248,6 +249,13 @@ def test_info_answers_in_2s_while_16_large_requests_queue_and_the_17th_gets_503(
 @pytest.mark.parametrize("readme", [ROOT / "README.md", APP_DIR / "README.md"])
 def test_readmes_bind_the_server_to_loopback_and_explain_authentication(readme):
     text = readme.read_text()
-    starts = [line for line in text.splitlines() if "monailabel start_server" in line and "--app" in line]
-    assert starts and all("--host 127.0.0.1" in line for line in starts), starts
+    joined = text.replace("\\\n", " ")
+    starts = [m.start() for m in re.finditer(r"monailabel start_server --app", joined)]
+    assert starts
+    auth = joined.find("MONAI_LABEL_AUTH_ENABLE=true")
+    for pos in starts:
+        command = joined[pos : joined.index("\n", pos)]
+        # loopback, or another host only once authentication has been turned on
+        assert "--host 127.0.0.1" in command or (0 <= auth < pos and "--host" in command), command
+    assert "--host 127.0.0.1" in joined[starts[0] : joined.index("\n", starts[0])]
     assert "MONAI_LABEL_AUTH_ENABLE" in text

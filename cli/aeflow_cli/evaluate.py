@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +95,40 @@ def _summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@contextmanager
+def _label_warnings_on_stderr() -> Iterator[None]:
+    """Print each label warning once, as a ``Warning: <file>: ...`` line on stderr (no Python source line)."""
+    from monai_aeflow.evaluation import LabelValuesWarning
+
+    shown: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", LabelValuesWarning)
+        default = warnings.showwarning
+
+        def show(
+            message: Warning | str,
+            category: type[Warning],
+            filename: str,
+            lineno: int,
+            file: Any = None,
+            line: str | None = None,
+        ) -> None:
+            if not issubclass(category, LabelValuesWarning):
+                default(message, category, filename, lineno, file, line)
+            elif str(message) not in shown:
+                shown.add(str(message))
+                click.echo(f"Warning: {message}", err=True)
+
+        warnings.showwarning = show
+        yield
+
+
 def _run(opts: dict[str, Any]) -> None:
     from monai_aeflow.evaluation import (
         EvaluationConfig,
         PostprocessConfig,
         check_checkpoint,
+        check_report_folder,
         evaluate_maps,
         find_cases,
         result_to_json,
@@ -155,10 +187,12 @@ def _run(opts: dict[str, Any]) -> None:
     if opts["checkpoint"] is not None:
         check_checkpoint(opts["checkpoint"])  # fail before the long work
     image_scores = _read_scores_csv(opts["scores_csv"]) if opts["scores_csv"] is not None else None
+    check_report_folder(opts["output"], overwrite=opts["overwrite"])  # fail before the long work
     test_cases = find_cases(t_maps, t_labels, t_masks, opts["test_images"], opts["test_reconstructions"])
     val_cases = find_cases(v_maps, v_labels, v_masks) if v_maps is not None else None
-    result = evaluate_maps(val_cases, test_cases, config, image_scores=image_scores, progress=not opts["quiet"])
-    written = write_report(result, opts["output"], plots=not opts["no_plots"])
+    with _label_warnings_on_stderr():
+        result = evaluate_maps(val_cases, test_cases, config, image_scores=image_scores, progress=not opts["quiet"])
+    written = write_report(result, opts["output"], plots=not opts["no_plots"], overwrite=opts["overwrite"])
     if opts["checkpoint"] is not None:
         save_threshold(opts["checkpoint"], result["protocol"]["threshold"]["value"], threshold_protocol(result))
     if opts["as_json"]:
@@ -180,7 +214,9 @@ and masks/ (--val, --test), or folder by folder (--val-maps, --val-labels, --val
 binarisation threshold is chosen on the validation split only (greedy Dice search by default), then test
 Dice (pooled and per volume), pixel AUROC/AUPRC over brain voxels, slice- and volume-level AUROC/AUPRC and
 F1/ACC/SEN/SPE at the best-F1 threshold are written with bootstrap 95% CIs to the output folder
-(metrics.json, metrics.csv, cases.csv, plots).
+(metrics.json, metrics.csv, cases.csv, plots); a folder that already holds a report needs --overwrite.
+Labels are binarised as label > 0 (BraTS 0/1/2/4); a label with other values than 0 and 1 is named in a
+warning.
 
 \b
 Example:
@@ -201,6 +237,7 @@ Example:
 )
 @click.option("--no-masks", is_flag=True, help="No brain masks: the whole volume counts as brain.")
 @click.option("-o", "--output", type=_DIR, default=Path("evaluation"), show_default=True, help="Report folder.")
+@click.option("--overwrite", is_flag=True, help="Replace a report already in the output folder.")
 @click.option(
     "--residual",
     type=click.Choice(["positive", "absolute"]),

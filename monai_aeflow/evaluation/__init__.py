@@ -12,7 +12,7 @@ Typical use::
 
 from monai_aeflow.evaluation.cases import PreparedCase, prepare_case
 from monai_aeflow.evaluation.checkpoint import check_checkpoint, save_threshold, threshold_protocol
-from monai_aeflow.evaluation.io import find_cases, load_case
+from monai_aeflow.evaluation.io import LabelValuesWarning, find_cases, load_case
 from monai_aeflow.evaluation.metrics import (
     auroc_from_counts,
     average_precision,
@@ -43,7 +43,7 @@ from monai_aeflow.evaluation.postprocess import (
     remove_small_components,
     segment,
 )
-from monai_aeflow.evaluation.report import write_report
+from monai_aeflow.evaluation.report import check_report_folder, write_report
 from monai_aeflow.evaluation.sweep import SweepCounts, dice_sweep, exceedance_counts, sweep_counts, threshold_grid
 from monai_aeflow.evaluation.thresholds import (
     GreedySearchResult,
@@ -79,6 +79,7 @@ __all__ = [
     "find_cases",
     "greedy_threshold_search",
     "load_case",
+    "LabelValuesWarning",
     "median_filter",
     "oracle_threshold",
     "pooled_dice_objective",
@@ -96,4 +97,5 @@ __all__ = [
     "threshold_grid",
     "threshold_protocol",
     "write_report",
+    "check_report_folder",
 ]

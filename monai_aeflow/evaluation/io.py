@@ -3,12 +3,15 @@
 Folders of NIfTI files are matched by file name (``case01.nii.gz`` in the map, label and mask folders;
 ``.nii`` and ``.nii.gz`` are interchangeable). Arrays are brought to RAS axis order with the label's
 orientation, so that the last axis is axial, after checking that map, label and mask share the same voxel
-grid. Any problem with the user's files raises :class:`~monai_aeflow.errors.AEFlowInputError`.
+grid. Any problem with the user's files raises :class:`~monai_aeflow.errors.AEFlowInputError`. Labels are
+binarised as ``label > 0`` (BraTS' 0/1/2/4 become lesion / no lesion); a label with other values than 0 and 1
+gives a :class:`LabelValuesWarning` naming the file.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,8 @@ from monai_aeflow.fileio import atomic_write, atomic_write_json, atomic_write_te
 
 __all__ = [
     "CASE_KEYS",
+    "LabelValuesWarning",
+    "check_label_values",
     "case_name",
     "find_cases",
     "load_array",
@@ -35,6 +40,34 @@ CASE_KEYS: tuple[str, ...] = ("map", "label", "mask", "image", "reconstruction")
 """Keys of a case mapping: an anomaly ``map`` (or ``image`` and ``reconstruction``), ``label``, ``mask``."""
 
 _SUFFIXES = (".nii.gz", ".nii")
+
+
+class LabelValuesWarning(UserWarning):
+    """A lesion label holds values other than 0 and 1; it is binarised as ``label > 0``."""
+
+
+def check_label_values(label: np.ndarray, source: str) -> None:
+    """Warn (:class:`LabelValuesWarning`) when a label has values other than 0 and 1.
+
+    Multi-class labels (BraTS: 0 background, 1 necrosis, 2 oedema, 4 enhancing tumour) are evaluated as
+    ``label > 0``; the warning says so, naming the file, so that a wrong label file does not pass unnoticed.
+
+    Args:
+        label: the label array as stored.
+        source: the file (or case) named in the message.
+    """
+    if label.dtype == bool:
+        return
+    other = (label != 0) & (label != 1)
+    if not other.any():
+        return
+    values = np.unique(label)
+    shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if values.size > 8 else "")
+    warnings.warn(
+        f"{source}: label has values other than 0 and 1 ({shown}); evaluated as label > 0",
+        LabelValuesWarning,
+        stacklevel=3,
+    )
 
 
 def case_name(path: str | os.PathLike) -> str:
@@ -173,7 +206,7 @@ def load_array(value: Any, name: str = "array") -> tuple[np.ndarray, np.ndarray 
 
 
 def load_case(
-    case: Mapping[str, Any], check_affine: bool = True, reorient: bool = True
+    case: Mapping[str, Any], check_affine: bool = True, reorient: bool = True, warn_labels: bool = True
 ) -> dict[str, np.ndarray | str | None]:
     """Load a case into arrays: the signed or non-negative residual, label, brain mask, image, reconstruction.
 
@@ -186,6 +219,7 @@ def load_case(
             ``"mask"`` and ``"name"``; values are NIfTI paths or arrays.
         check_affine: raise when NIfTI affines of the entries differ (different voxel grids).
         reorient: bring NIfTI inputs to RAS axis order.
+        warn_labels: warn when the label has values other than 0 and 1 (see :func:`check_label_values`).
 
     Returns:
         ``{"name", "residual", "label", "mask", "image", "reconstruction"}`` (``image`` and
@@ -233,6 +267,8 @@ def load_case(
         return np.asarray(a, dtype=np.float32)
 
     out: dict[str, Any] = {"name": str(case.get("name") or (case_name(label_path) if label_path else "case"))}
+    if warn_labels:
+        check_label_values(label_data, str(label_path) if label_path else f"case {out['name']!r}")
     out["label"] = arr("label", lambda a: a > 0)
     out["mask"] = arr("mask", lambda a: a > 0.5)
     out["image"] = arr("image", to_float)

@@ -334,7 +334,8 @@ def _figure_cases(test: Sequence[PreparedCase], dice: np.ndarray, threshold: flo
         src = case.source or {}
         if src.get("image") is not None or src.get("reconstruction") is not None:
             try:
-                arrays = load_case(src, check_affine=config.check_affine, reorient=config.reorient)
+                # read again for the figure only: its label was checked (and warned about) when prepared
+                arrays = load_case(src, check_affine=config.check_affine, reorient=config.reorient, warn_labels=False)
             except AEFlowInputError:
                 arrays = {}
             for key in ("image", "reconstruction"):

@@ -8,7 +8,9 @@ Files written by :func:`write_report` (each atomically):
 - ``dice_vs_threshold.csv``: pooled and mean per-volume Dice on a threshold grid, per split.
 - ``roc_pr.png``, ``score_distributions.png``, ``dice_vs_threshold.png``, ``cases.png``.
 
-Plots use matplotlib's object-oriented API (Agg canvas), so no global backend is changed.
+Plots use matplotlib's object-oriented API (Agg canvas), so no global backend is changed. A folder that already
+holds a report is replaced only when asked (``overwrite``; :func:`check_report_folder` checks it up front);
+the files of the replaced report that the new one does not write (plots, with ``plots=False``) are removed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from monai_aeflow.evaluation.io import atomic_write, atomic_write_json, atomic_w
 from monai_aeflow.evaluation.pipeline import result_to_json
 
 __all__ = [
+    "REPORT_FILES",
+    "check_report_folder",
     "metrics_rows",
     "write_report",
     "plot_roc_pr",
@@ -35,6 +39,50 @@ __all__ = [
     "plot_dice_vs_threshold",
     "plot_cases",
 ]
+
+REPORT_FILES: tuple[str, ...] = (
+    "metrics.json",
+    "metrics.csv",
+    "cases.csv",
+    "dice_vs_threshold.csv",
+    "roc_pr.png",
+    "score_distributions.png",
+    "dice_vs_threshold.png",
+    "cases.png",
+)
+"""The files of a report; a folder holding any of them holds a report."""
+
+
+def check_report_folder(output_dir: str | os.PathLike, overwrite: bool = False) -> list[Path]:
+    """Check, before any work, that a report can be written to a folder.
+
+    A missing folder, an empty one or one without report files is fine; a folder holding a report is refused
+    unless ``overwrite``.
+
+    Args:
+        output_dir: the report folder.
+        overwrite: allow replacing an existing report.
+
+    Returns:
+        The report files already in the folder (replaced when ``overwrite``).
+
+    Raises:
+        AEFlowInputError: the path is a file, or it holds a report and ``overwrite`` is False.
+    """
+    from monai_aeflow.errors import AEFlowInputError
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise AEFlowInputError("output folder expected, found a file", path=out)
+    existing = [out / name for name in REPORT_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        raise AEFlowInputError(
+            f"already holds a report ({len(existing)} report files, e.g. {existing[0].name}); "
+            "replace it with --overwrite or choose another output folder",
+            path=out,
+        )
+    return existing
+
 
 _CSV_COLUMNS = (
     "level",
@@ -283,22 +331,26 @@ def plot_cases(result: Mapping[str, Any], path: str | os.PathLike) -> Path | Non
     return _save(fig, Path(path))
 
 
-def write_report(result: Mapping[str, Any], output_dir: str | os.PathLike, plots: bool = True) -> dict[str, Path]:
+def write_report(
+    result: Mapping[str, Any], output_dir: str | os.PathLike, plots: bool = True, overwrite: bool = True
+) -> dict[str, Path]:
     """Write the JSON, CSV and PNG reports of an evaluation.
 
     Args:
         result: the output of :func:`~monai_aeflow.evaluation.pipeline.evaluate_maps`.
         output_dir: destination folder (created).
         plots: also write the PNG plots.
+        overwrite: replace a report already in the folder (its files that this report does not write are
+            removed); when False, such a folder is refused (see :func:`check_report_folder`).
 
     Returns:
         ``{name: path}`` of the files written.
+
+    Raises:
+        AEFlowInputError: the output is a file, or it holds a report and ``overwrite`` is False.
     """
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        from monai_aeflow.errors import AEFlowInputError
-
-        raise AEFlowInputError("output folder expected, found a file", path=out)
+    existing = check_report_folder(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     written["json"] = atomic_write_json(out / "metrics.json", result_to_json(result))
@@ -319,4 +371,8 @@ def write_report(result: Mapping[str, Any], output_dir: str | os.PathLike, plots
         cases = plot_cases(result, out / "cases.png")
         if cases is not None:
             written["cases"] = cases
+    kept = {p.name for p in written.values()}
+    for stale in existing:  # files of the replaced report that this one does not have
+        if stale.name not in kept:
+            stale.unlink(missing_ok=True)
     return written

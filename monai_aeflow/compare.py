@@ -41,7 +41,16 @@ from monai_aeflow.data.slices import SliceDataset, make_slice_dataset, select_sl
 from monai_aeflow.data.splits import check_disjoint_subjects, read_split_csv, split_by_subject
 from monai_aeflow.data.synthetic import generate_cohort
 from monai_aeflow.data.transforms import build_volume_preprocessing
-from monai_aeflow.engines.workflow import MODEL_FILE, TrainingConfig, resolve_device, train
+from monai_aeflow.engines.workflow import (
+    MODEL_FILE,
+    TrainingConfig,
+    check_output_dir,
+    clear_previous_run,
+    open_resume_checkpoint,
+    previous_run_files,
+    resolve_device,
+    train,
+)
 from monai_aeflow.errors import AEFlowInputError
 from monai_aeflow.evaluation.pipeline import EvaluationConfig, evaluate_maps, result_to_json
 from monai_aeflow.evaluation.postprocess import PostprocessConfig
@@ -203,6 +212,8 @@ class CompareConfig:
         n_bootstrap: bootstrap resamples of the confidence intervals.
         n_thresholds: threshold grid of the sweeps.
         progress: progress bars and training logs.
+        overwrite: replace the results and models of a previous comparison in ``output_dir`` (by default a
+            folder that holds them is refused).
     """
 
     output_dir: str = "aeflow_compare"
@@ -225,6 +236,7 @@ class CompareConfig:
     n_bootstrap: int = 200
     n_thresholds: int = 4096
     progress: bool = False
+    overwrite: bool = False
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -584,9 +596,15 @@ def run_training(
     validate: bool = True,
     progress: bool = False,
     say: Callable[[str], None] = logger.info,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
     **training: Any,
 ) -> dict[str, Any]:
     """Prepare the data, build one registered model and train it (what ``aeflow-cli train`` runs).
+
+    Before the data are prepared, the output folder is checked: it must be writable and, unless ``overwrite``
+    or ``resume``, hold no previous run (``model.pt``, checkpoints); ``resume`` is read and checked too. With
+    ``overwrite`` the previous run's model, checkpoints and TensorBoard events are removed just before training.
 
     Args:
         name: registry key (``aeflow``, ``ae``, ``vae``, ...).
@@ -605,19 +623,38 @@ def run_training(
         validate: keep the model with the best slice AUROC on the validation split (when it has slices).
         progress: progress bars and per-epoch logs.
         say: where progress messages go.
+        resume: a training checkpoint or a run folder (its latest checkpoint) to continue; the other arguments
+            must describe the same run (same data, model and settings; ``epochs`` may be larger).
+        overwrite: replace a previous run in ``output_dir``.
         training: further :class:`~monai_aeflow.engines.TrainingConfig` fields (``alpha``, ``beta``...).
 
     Returns:
         The engine's summary plus ``model``, ``hparams``, ``parameters``, ``backbone_weights``, ``splits`` and
         ``train_slices``.
     """
-    _check_model_args(name, model_args)  # fail before the data are prepared
+    # fail before the data are prepared
+    _check_model_args(name, model_args)
     device_used = resolve_device(device)
+    run_options = dict(training.pop("run_options", None) or {})
+    if resume is not None:
+        if overwrite:
+            raise AEFlowInputError("give either --resume (continue a run) or --overwrite (replace it), not both")
+        resume, ckpt = open_resume_checkpoint(resume, epochs)
+        same_folder = Path(output_dir).resolve() == resume.parent.resolve()
+        check_output_dir(output_dir, existing_run_ok=same_folder)
+        stored = ckpt["config"].get("training", {}).get("run_options") or {}
+        weights_used = stored.get("backbone_weights_used", "checkpoint")
+        backbone_weights = None  # the checkpoint holds the encoder's weights: never download them again
+    else:
+        check_output_dir(output_dir, overwrite=overwrite)
     prepared = prepare_data(data, output_dir, progress=progress, need_evaluation=False)
     torch.manual_seed(seed)
     net, info = build_model(
         name, prepared.in_channels, prepared.image_size, backbone, backbone_weights, model_args, say=say
     )
+    if resume is not None:
+        info["backbone_weights"] = weights_used
+    run_options["backbone_weights_used"] = info["backbone_weights"]
     params = count_parameters(net)
     val = None
     if validate and prepared.val:
@@ -626,6 +663,8 @@ def run_training(
         f"training {info['name']} ({params['trainable']:,} trainable parameters) on {len(prepared.train)} healthy "
         f"slices for {epochs} epochs on {device_used}"
     )
+    if overwrite and resume is None:
+        clear_previous_run(output_dir)
     summary = train_model(
         net,
         prepared.train,
@@ -640,6 +679,8 @@ def run_training(
         preprocessing=prepared.preprocessing,
         val_dataset=val,
         progress=progress,
+        resume=None if resume is None else str(resume),
+        run_options=run_options,
         **training,
     )
     summary.update(
@@ -868,11 +909,29 @@ def _protocol_notes(cfg: CompareConfig, data: PreparedData, device: str, weights
     )
 
 
+def _check_comparison_dir(out: Path, overwrite: bool) -> None:
+    """Refuse (before any data preparation) an output folder that cannot be written or holds a comparison."""
+    check_output_dir(out, overwrite=True)
+    if overwrite or not out.is_dir():
+        return
+    previous = [out / n for n in ("comparison.json", "comparison.md", "comparison.csv") if (out / n).is_file()]
+    models = out / "models"
+    if models.is_dir():
+        previous += [p for d in sorted(models.iterdir()) if d.is_dir() for p in previous_run_files(d)]
+    if previous:
+        shown = ", ".join(str(p.relative_to(out)) for p in previous[:3]) + (", ..." if len(previous) > 3 else "")
+        raise AEFlowInputError(
+            f"the output folder holds a previous comparison ({shown}); give --overwrite to replace it or another --out",
+            path=out,
+        )
+
+
 def run_comparison(cfg: CompareConfig, say: Callable[[str], None] = logger.info) -> dict[str, Any]:
     """Train, score and evaluate every model of ``cfg.models`` on the same data and protocol.
 
     Writes ``<output_dir>/models/<name>/`` (model file, checkpoints, TensorBoard logs), ``comparison.md``,
-    ``comparison.csv`` and ``comparison.json`` (rows, full metrics and protocol of each model).
+    ``comparison.csv`` and ``comparison.json`` (rows, full metrics and protocol of each model). A folder that
+    already holds a comparison is refused unless ``cfg.overwrite``, before any data are prepared.
 
     Args:
         cfg: the comparison settings.
@@ -897,6 +956,7 @@ def run_comparison(cfg: CompareConfig, say: Callable[[str], None] = logger.info)
         _check_model_args(name, cfg.model_args.get(name))
     out = Path(cfg.output_dir)
     device = resolve_device(cfg.device)
+    _check_comparison_dir(out, cfg.overwrite)
     say(f"preparing data ({'synthetic cohort' if cfg.data.data_dir is None else cfg.data.data_dir})")
     data = prepare_data(cfg.data, out, progress=cfg.progress)
     say(f"  {len(data.train)} healthy training slices, {len(data.val)} validation and {len(data.test)} test volumes")
@@ -921,6 +981,8 @@ def run_comparison(cfg: CompareConfig, say: Callable[[str], None] = logger.info)
         )
         params = count_parameters(net)
         say(f"[{name}] {params['trainable']:,} trainable parameters; training {cfg.epochs} epochs on {device}")
+        if cfg.overwrite:
+            clear_previous_run(out / "models" / name)
         summary = train_model(
             net,
             data.train,

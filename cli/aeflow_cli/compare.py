@@ -47,6 +47,7 @@ def _run(opts: dict[str, Any]) -> dict[str, Any]:
         n_bootstrap=opts["bootstrap"],
         n_thresholds=opts["grid_size"],
         progress=not quiet,
+        overwrite=opts["overwrite"],
     )
     result = run_comparison(cfg, say=say)
     if opts["as_json"]:
@@ -66,7 +67,7 @@ Every model is trained on the healthy slices of the training subjects with the s
 learning rate, scored slice by slice on the validation and test volumes, and evaluated with the brain MRI
 protocol (threshold chosen on the validation split; test Dice, pixel / slice / volume AUROC and AUPRC).
 comparison.md and comparison.csv (with training time and parameter count of each model) and
-comparison.json go to --out.
+comparison.json go to --out (a folder that holds a previous comparison needs --overwrite).
 
 \b
 Examples:
@@ -80,6 +81,7 @@ Examples:
 )
 @data_options
 @click.option("--out", "output_dir", default="aeflow_compare", show_default=True, help="Output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace the results and models of a previous comparison in --out.")
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(1), help="Training epochs of every model.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate of every model.")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
+import sys
+from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from aeflow_cli.common import run_guarded
 
@@ -130,31 +134,124 @@ def data_config(opts: dict[str, Any]) -> Any:
     )
 
 
-def _run(opts: dict[str, Any]) -> dict[str, Any]:
+# options that describe the run presentation, or how to start it, not the run itself: never stored
+_NOT_STORED = ("resume", "overwrite", "quiet", "as_json")
+# options a resumed run may change
+_RESUME_MAY_CHANGE = ("epochs", "device", *_NOT_STORED)
+_PATH_OPTIONS = ("data_dir", "split_file", "output_dir")
+
+
+def _normalised(name: str, value: Any) -> Any:
+    """A stored or given option value in a comparable form (lists, resolved paths)."""
+    if isinstance(value, (tuple, list)):
+        return [_normalised(name, v) for v in value]
+    if name in _PATH_OPTIONS and value is not None:
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
+def _run_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """The options that define a run, stored in its checkpoints (JSON-like values)."""
+    return {k: _normalised(k, v) for k, v in opts.items() if k not in _NOT_STORED}
+
+
+def _resume_options(opts: dict[str, Any], given: dict[str, str]) -> tuple[dict[str, Any], Path]:
+    """The run's stored options with the allowed changes, and the checkpoint to resume from.
+
+    ``given`` maps the options given on the command line to their flags. Raises AEFlowInputError on a checkpoint
+    that cannot be resumed or on options that contradict the run's.
+    """
+    from monai_aeflow.engines.workflow import find_checkpoint, read_training_checkpoint
+    from monai_aeflow.errors import AEFlowInputError, CheckpointError
+
+    if opts["overwrite"]:
+        raise AEFlowInputError("give either --resume (continue a run) or --overwrite (replace it), not both")
+    resume = Path(opts["resume"])
+    ckpt_path = find_checkpoint(resume)
+    ckpt = read_training_checkpoint(ckpt_path)
+    stored = ckpt["config"].get("training", {}).get("run_options")
+    if not isinstance(stored, dict) or "model" not in stored:
+        raise CheckpointError(
+            "holds no aeflow-cli train options (written by another program); resume it with "
+            "monai_aeflow.engines.TrainingConfig(resume=...)",
+            path=ckpt_path,
+        )
+    run_dir = resume if resume.is_dir() else ckpt_path.parent
+    stored = {**stored, "output_dir": _normalised("output_dir", run_dir)}
+    conflicts = []
+    for name, flag in given.items():
+        if name in _RESUME_MAY_CHANGE or name not in stored:
+            continue
+        value, saved = _normalised(name, opts[name]), stored[name]
+        if value != saved:
+            conflicts.append(f"{flag} {value} (the run has {saved})")
+    if conflicts:
+        raise AEFlowInputError(
+            f"options differ from the run's: {'; '.join(conflicts)}. A resumed run keeps its options "
+            "(only --epochs and --device may change)",
+            path=ckpt_path,
+        )
+    merged = {**opts, **{k: v for k, v in stored.items() if k in opts}}
+    for name in _RESUME_MAY_CHANGE:
+        if name in given:
+            merged[name] = opts[name]
+    merged["output_dir"] = str(run_dir)
+    for name in ("model_arg", "loss_arg", "fractions", "shape", "spatial_size"):
+        if isinstance(merged.get(name), list):
+            merged[name] = tuple(merged[name])
+    return merged, ckpt_path
+
+
+def _interrupted(output_dir: str) -> str:
+    """The one-line report of a Ctrl-C during training."""
+    from monai_aeflow.engines.workflow import previous_run_files
+
+    ckpts = [p for p in previous_run_files(output_dir) if p.name.startswith("checkpoint_")]
+    if not ckpts:
+        return "interrupted: stopped before the first checkpoint (end of epoch 1); nothing to resume, start again"
+    return (
+        f"interrupted: training stopped, the epochs up to the last checkpoint are kept in {output_dir}; resume "
+        f"with aeflow-cli train --resume {shlex.quote(output_dir)}"
+    )
+
+
+def _run(opts: dict[str, Any], given: dict[str, str]) -> dict[str, Any]:
     from monai_aeflow.compare import parse_assignments, run_training
     from monai_aeflow.fileio import to_jsonable
 
+    resume = None
+    if opts["resume"] is not None:
+        opts, resume = _resume_options(opts, given)
     say = (lambda msg: None) if opts["quiet"] or opts["as_json"] else click.echo
-    summary = run_training(
-        opts["model"],
-        data_config(opts),
-        opts["output_dir"],
-        epochs=opts["epochs"],
-        batch_size=opts["batch_size"],
-        lr=opts["lr"],
-        weight_decay=opts["weight_decay"],
-        device=opts["device"],
-        seed=opts["seed"],
-        backbone=opts["backbone"],
-        backbone_weights=opts["backbone_weights"],
-        model_args=parse_assignments(opts["model_arg"]),
-        loss_options=parse_assignments(opts["loss_arg"]),
-        validate=not opts["no_validation"],
-        progress=not (opts["quiet"] or opts["as_json"]),
-        say=say,
-        alpha=opts["alpha"],
-        beta=opts["beta"],
-    )
+    if resume is not None:
+        say(f"resuming {opts['output_dir']} from {resume.name}")
+    try:
+        summary = run_training(
+            opts["model"],
+            data_config(opts),
+            opts["output_dir"],
+            epochs=opts["epochs"],
+            batch_size=opts["batch_size"],
+            lr=opts["lr"],
+            weight_decay=opts["weight_decay"],
+            device=opts["device"],
+            seed=opts["seed"],
+            backbone=opts["backbone"],
+            backbone_weights=opts["backbone_weights"],
+            model_args=parse_assignments(opts["model_arg"]),
+            loss_options=parse_assignments(opts["loss_arg"]),
+            validate=not opts["no_validation"],
+            progress=not (opts["quiet"] or opts["as_json"]),
+            say=say,
+            alpha=opts["alpha"],
+            beta=opts["beta"],
+            resume=resume,
+            overwrite=opts["overwrite"],
+            run_options=_run_options(opts),
+        )
+    except KeyboardInterrupt:
+        click.echo(_interrupted(opts["output_dir"]), err=True)
+        sys.exit(130)
     if opts["as_json"]:
         click.echo(json.dumps(to_jsonable(summary), indent=2))
     else:
@@ -176,9 +273,15 @@ subjects are used. The model file (model.pt: weights, architecture, preprocessin
 validation split the model with the best validation slice AUROC is kept. Models: aeflow, ae, vae, pchvae,
 vqvae, vqgan, flowonly, intensity (nothing to train: saved as it is).
 
+A checkpoint (checkpoint_epoch=N.pt) is written atomically at the end of every epoch. After Ctrl-C (exit
+code 130) or a crash, --resume RUN_DIR (or one of its checkpoints) continues the run with the options stored
+in it (only --epochs and --device may change). --out must not hold a previous run unless --overwrite is given.
+
 \b
 Examples:
   aeflow-cli train --model vae --synthetic --out runs/vae --epochs 5
+  aeflow-cli train --resume runs/vae
+  aeflow-cli train --resume runs/vae --epochs 10
   aeflow-cli train --model aeflow --data /data/BraTS2021 --modality flair --out runs/aeflow
   aeflow-cli train --model vqgan --synthetic --out runs/vqgan --loss-arg adv_weight=0.1
 """,
@@ -186,6 +289,14 @@ Examples:
 @click.option("--model", default="aeflow", show_default=True, help="Registered model name.")
 @data_options
 @click.option("--out", "output_dir", default="aeflow_run", show_default=True, help="Output folder.")
+@click.option(
+    "--resume",
+    type=click.Path(),
+    default=None,
+    metavar="RUN_DIR|CHECKPOINT",
+    help="Continue an interrupted run from its latest checkpoint (or from this checkpoint) with its stored options.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace the model and checkpoints of a previous run in --out.")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate.")
@@ -203,4 +314,7 @@ Examples:
 def train(**opts: Any) -> None:
     quiet = opts["quiet"] or opts["as_json"]
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
-    run_guarded(_run, opts)
+    ctx = click.get_current_context()
+    explicit = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    given = {p.name: p.opts[0] for p in ctx.command.params if ctx.get_parameter_source(p.name) in explicit}
+    run_guarded(_run, opts, given)

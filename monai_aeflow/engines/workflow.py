@@ -51,6 +51,7 @@ __all__ = [
     "train",
     "find_checkpoint",
     "read_training_checkpoint",
+    "open_resume_checkpoint",
     "checkpoint_epoch",
     "check_output_dir",
     "previous_run_files",
@@ -309,7 +310,8 @@ def create_engines(
         ``(trainer, evaluator)``; call ``trainer.run()``.
     """
     device = resolve_device(config.device)
-    resume = _read_resume_checkpoint(config)  # before anything is written
+    # before anything is written
+    resume = open_resume_checkpoint(config.resume, config.max_epochs) if config.resume else None
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -399,9 +401,8 @@ def create_engines(
     if config.progress:
         from ignite.handlers import ProgressBar
 
-        ProgressBar(persist=False, desc="train").attach(
-            trainer, output_transform=lambda out: {"loss": float(out["loss"])}
-        )
+        trainer.progress_bar = ProgressBar(persist=False, desc="train")
+        trainer.progress_bar.attach(trainer, output_transform=lambda out: {"loss": float(out["loss"])})
 
     @trainer.on(Events.COMPLETED)
     def _close_writer(_: AEFlowTrainer) -> None:
@@ -413,17 +414,27 @@ def create_engines(
     return trainer, evaluator
 
 
-def _read_resume_checkpoint(config: TrainingConfig) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint of ``config.resume`` (path and content), checked; None when not resuming."""
-    if not config.resume:
-        return None
-    path = find_checkpoint(config.resume)
+def open_resume_checkpoint(resume: str | os.PathLike, max_epochs: int) -> tuple[Path, dict[str, Any]]:
+    """Find, read and check the checkpoint a run resumes from (:func:`find_checkpoint`, then
+    :func:`read_training_checkpoint`), and that epochs are left to train.
+
+    Args:
+        resume: a checkpoint file or a run folder.
+        max_epochs: the epochs the resumed run trains up to.
+
+    Returns:
+        The checkpoint's path and content.
+
+    Raises:
+        CheckpointError: see :func:`read_training_checkpoint`.
+        AEFlowInputError: the checkpoint already has ``max_epochs`` epochs or more.
+    """
+    path = find_checkpoint(resume)
     ckpt = read_training_checkpoint(path)
     done = checkpoint_epoch(ckpt)
-    if done >= config.max_epochs:
+    if done >= max_epochs:
         raise AEFlowInputError(
-            f"the run already trained {done} epochs (of {config.max_epochs}); give --epochs N with N > {done} to "
-            "train longer",
+            f"the run already trained {done} epochs (of {max_epochs}); give --epochs N with N > {done} to train longer",
             path=path,
         )
     return path, ckpt
@@ -485,8 +496,11 @@ def train(
     start = time.perf_counter()
     try:
         trainer.run()
-    finally:
-        trainer.summary_writer.close()  # flushes the TensorBoard events of an interrupted run too
+    finally:  # also after Ctrl-C: flush the TensorBoard events, clear the progress bar's line
+        trainer.summary_writer.close()
+        bar = getattr(getattr(trainer, "progress_bar", None), "pbar", None)
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - start
     summary: dict[str, Any] = {
         "model_path": str(trainer.model_path),

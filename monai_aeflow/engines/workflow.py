@@ -322,6 +322,13 @@ def create_engines(
         network = network.to(memory_format=torch.channels_last)
     amp = config.amp and cuda
     spec = get_model_spec(model_name_of(network))
+    loss_function = spec.make_loss(dataclasses.asdict(config))
+    if resume is not None and hasattr(loss_function, "discriminator_step"):
+        raise AEFlowInputError(
+            f"{spec.name} cannot be resumed: its checkpoints do not hold the discriminator and its optimiser; "
+            "train it again with --overwrite",
+            path=resume[0],
+        )
     optimizer = torch.optim.Adam(trainable_parameters(network), lr=config.lr, weight_decay=config.weight_decay)
     writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
     model_cfg = config.model_config()
@@ -333,7 +340,7 @@ def create_engines(
         train_data_loader=train_loader,
         network=network,
         optimizer=optimizer,
-        loss_function=spec.make_loss(dataclasses.asdict(config)),
+        loss_function=loss_function,
         epoch_length=config.epoch_length,
         amp=amp,
         channels_last=channels_last,

@@ -79,6 +79,7 @@ def main() -> None:
     dataset_dir = args.dataset_dir or str(work / "data")
     overrides = {
         "dataset_dir": dataset_dir,
+        "synthetic": args.dataset_dir is None,  # generate the cohort in the temp dir, never in a given folder
         "max_epochs": args.epochs,
         "batch_size": args.batch_size,
         "device": f"$torch.device('{args.device}')",

@@ -107,30 +107,23 @@ def _scalar_tags(log_dir: Path) -> tuple[set[str], set[str]]:
 
 @pytest.fixture(scope="module")
 def brain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The brain MRI bundle trained for one epoch with ``run training`` on a cohort it generates itself."""
+    """The brain MRI bundle trained for one epoch with ``run training`` on a cohort it generates itself.
+
+    No ``dataset_dir``: the default, ``<bundle_root>/data/synthetic``, is where the bundle generates its cohort.
+    """
     root = tmp_path_factory.mktemp("brain_bundle")
-    data = root / "data"
+    data = root / "data" / "synthetic"
     assert not data.exists()
-    _bundle(
-        BRAIN,
-        [
-            "run",
-            "training",
-            "--config_file",
-            "configs/train.json",
-            "--bundle_root",
-            str(root),
-            "--dataset_dir",
-            str(data),
-        ]
-        + BRAIN_TINY,
-    )
+    _bundle(BRAIN, ["run", "training", "--config_file", "configs/train.json", "--bundle_root", str(root)] + BRAIN_TINY)
     return {"root": root, "data": data}
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The 2D bundle trained for one epoch with ``run training`` on a synthetic image folder it generates."""
+    """The 2D bundle trained for one epoch with ``run training`` on a synthetic image folder it generates.
+
+    ``dataset_dir`` is not the default folder, so ``--synthetic true`` asks for the generation.
+    """
     root = tmp_path_factory.mktemp("images_bundle")
     data = root / "data"
     _bundle(
@@ -144,6 +137,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             str(root),
             "--dataset_dir",
             str(data),
+            "--synthetic",
+            "true",  # Fire passes the string "true"; the bundle reads it as a flag
         ]
         + IMAGES_TINY,
     )
@@ -352,6 +347,7 @@ def test_verify_net_in_out_gets_the_anomaly_map(bundle: Path, monkeypatch: pytes
         device="cpu",
         n=2,
         dataset_dir="/nonexistent/synthetic",
+        synthetic=True,
     )
 
 
@@ -440,7 +436,12 @@ def test_brain_inference_config_slice_inferer_maps_a_volume(monkeypatch: pytest.
     parser = ConfigParser()
     parser.read_config("configs/inference.json")
     parser.update(
-        {"dataset_dir": "/nonexistent/synthetic", "image_size": [32, 32], "network_def#network#flow_blocks": 2}
+        {
+            "dataset_dir": "/nonexistent/synthetic",
+            "synthetic": True,
+            "image_size": [32, 32],
+            "network_def#network#flow_blocks": 2,
+        }
     )
     net = parser.get_parsed_content("network").eval()
     inferer = parser.get_parsed_content("inferer")

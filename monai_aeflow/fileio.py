@@ -1,17 +1,54 @@
-"""Atomic file writing: a temporary file in the destination folder, then ``os.replace``."""
+"""Atomic file writing (a temporary file in the destination folder, then ``os.replace``) and folder locks."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "to_jsonable"]
+from monai_aeflow.errors import AEFlowInputError
+
+__all__ = [
+    "FolderLock",
+    "FolderLockedError",
+    "atomic_write",
+    "atomic_write_text",
+    "atomic_write_json",
+    "current_umask",
+    "to_jsonable",
+]
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows (``/proc/self/status`` on Linux).
+
+    Elsewhere the umask is read by setting and restoring it under a lock, which is safe between threads that
+    all use this function.
+
+    Returns:
+        The umask, e.g. ``0o022``.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -19,7 +56,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
     The temporary name is hidden (leading dot) and ends with ``.tmp`` plus the destination's suffixes
     (``.tmp.nii.gz``, ``.tmp.png``), so writers that infer the format from the name keep working; it is
-    removed if ``write`` fails, so an interrupted run leaves no truncated file.
+    removed if ``write`` fails, so an interrupted run leaves no truncated file. The file gets the mode of a
+    newly created file (``0o666`` less the umask), not the private ``0o600`` of :func:`tempfile.mkstemp`.
 
     Args:
         path: the destination.
@@ -34,6 +72,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -87,3 +126,136 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return str(obj)
     return obj
+
+
+class FolderLockedError(AEFlowInputError):
+    """Another process holds the lock of a folder."""
+
+
+class FolderLock:
+    """An exclusive, non-blocking lock on a folder, held through a lock file in it (``fcntl.flock``).
+
+    The lock file holds the process id of its owner; it is removed on release. The operating system
+    releases the lock when its owner dies, even by ``kill -9``, so a stale file never blocks a later run.
+    The folder (and its parents) are created when missing; a folder this lock created is removed again on
+    release if it is still empty.
+
+    Args:
+        folder: the folder to lock.
+        name: the lock file's name in the folder.
+        owner: what holds the lock, for the message of a second locker (e.g. ``"aeflow-cli score run"``).
+
+    Raises:
+        AEFlowInputError: the folder cannot be created or is not writable.
+        FolderLockedError: another process holds the lock.
+
+    Example::
+
+        with FolderLock("out", ".aeflow-score.lock", "aeflow-cli score run"):
+            ...  # no other process writes to out/ through the same lock
+    """
+
+    def __init__(self, folder: str | os.PathLike, name: str = ".lock", owner: str = "process") -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / name
+        self.owner = owner
+        self._fd: int | None = None
+        self._created: list[Path] = []
+
+    def acquire(self) -> FolderLock:
+        """Create the folder if needed and take the lock.
+
+        Returns:
+            This lock.
+        """
+        self._make_folder()
+        try:
+            while True:
+                try:
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                except OSError as err:
+                    raise AEFlowInputError(
+                        f"output folder is not writable ({err.strerror or type(err).__name__})", path=self.folder
+                    ) from None
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as err:
+                    pid = _read_pid(fd)
+                    os.close(fd)
+                    if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                        raise FolderLockedError(
+                            f"output folder is in use by another {self.owner} (pid {pid or 'unknown'}); "
+                            "wait for it to finish or choose another folder",
+                            path=self.folder,
+                        ) from None
+                    message = f"output folder cannot be locked ({err.strerror})"
+                    raise AEFlowInputError(message, path=self.folder) from None
+                # the previous owner may have removed the file between our open and flock: lock the new one
+                try:
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except BaseException:
+            self._remove_created()
+            raise
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock (and remove a folder it created that stayed empty)."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+        os.close(self._fd)  # releases the flock
+        self._fd = None
+        self._remove_created()
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None
+
+    def _make_folder(self) -> None:
+        missing = []
+        for parent in (self.folder, *self.folder.parents):
+            if parent.is_dir():
+                break
+            missing.append(parent)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            what = "is not a folder" if self.folder.exists() else "cannot be created"
+            raise AEFlowInputError(
+                f"output folder {what} ({err.strerror or type(err).__name__})", path=self.folder
+            ) from None
+        self._created = missing
+
+    def _remove_created(self) -> None:
+        for folder in self._created:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._created = []
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else None
+    except OSError:
+        return None

@@ -1,6 +1,13 @@
-"""Networks of monai-aeflow: pure ``nn.Module`` s without I/O or training logic."""
+"""Networks of monai-aeflow: pure ``nn.Module`` s without I/O or training logic.
+
+One architecture per module, as in MONAI's ``monai.networks.nets``: :mod:`.aeflow` (with :mod:`.backbone`,
+:mod:`.flow` and :mod:`.decoder`), and the baselines :mod:`.autoencoder`, :mod:`.vae`, :mod:`.pchvae`,
+:mod:`.vqvae`, :mod:`.flow_only` and :mod:`.intensity`; shared building blocks in :mod:`.blocks`.
+:mod:`.baselines` re-exports the baselines under their former import path.
+"""
 
 from monai_aeflow.networks.aeflow import AEFlow, AEFlowOutput
+from monai_aeflow.networks.autoencoder import ConvAutoEncoder, ReconstructionOutput
 from monai_aeflow.networks.backbone import (
     BACKBONES,
     FeatureEncoder,
@@ -9,6 +16,11 @@ from monai_aeflow.networks.backbone import (
 )
 from monai_aeflow.networks.decoder import AEFlowDecoder
 from monai_aeflow.networks.flow import NormalizingFlow
+from monai_aeflow.networks.flow_only import FlowOnlyAEFlow
+from monai_aeflow.networks.intensity import IntensityBaseline, IntensityOutput
+from monai_aeflow.networks.pchvae import PCHVAE, PCHVAEOutput
+from monai_aeflow.networks.vae import DenseVAE, VAEOutput
+from monai_aeflow.networks.vqvae import VQGANNet, VQOutput, VQVAENet
 
 __all__ = [
     "AEFlow",
@@ -19,4 +31,16 @@ __all__ = [
     "NormalizingFlow",
     "ResNetFeatureExtractor",
     "load_backbone_weights",
+    "ConvAutoEncoder",
+    "ReconstructionOutput",
+    "DenseVAE",
+    "VAEOutput",
+    "PCHVAE",
+    "PCHVAEOutput",
+    "VQVAENet",
+    "VQGANNet",
+    "VQOutput",
+    "FlowOnlyAEFlow",
+    "IntensityBaseline",
+    "IntensityOutput",
 ]

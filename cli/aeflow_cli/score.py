@@ -14,6 +14,7 @@ from aeflow_cli.common import run_guarded
 
 __all__ = ["score"]
 
+DEFAULT_MAX_VOXELS = 1024**3 // 2  # monai_aeflow.data.io.DEFAULT_MAX_VOXELS, not imported: keeps --help fast
 _SUMMARY_COLUMNS = ("name", "status", "volume_score", "max_slice_score", "lesion_voxels", "lesion_volume_ml", "seconds")
 
 
@@ -55,15 +56,55 @@ def _run(
     workers: int | None,
     preview: bool,
     quiet: bool,
+    max_voxels: int,
+    accept_irregular_series: bool,
 ) -> list[dict[str, Any]]:
     from monai_aeflow.errors import AEFlowInputError
-    from monai_aeflow.fileio import atomic_write_text
-    from monai_aeflow.inference import AnomalyScorer, expand_inputs, score_paths
+    from monai_aeflow.inference.pipeline import expand_inputs, lock_output_folder
 
     inputs = expand_inputs(paths)
     if mask is not None and len(inputs) != 1:
         raise AEFlowInputError(f"--mask applies to one input, but {len(inputs)} inputs were given")
-    scorer = AnomalyScorer(model, device=device, batch_size=batch_size, threshold=threshold)
+    # the output folder first: created, writable and ours (locked) before the model is loaded
+    folder_lock = lock_output_folder(out)
+    try:
+        summary = out / "summary.csv"
+        if len(inputs) > 1 and not overwrite and summary.exists():
+            raise AEFlowInputError("output exists (use --overwrite to replace it)", path=summary)
+        return _score_locked(
+            inputs, model, out, device, batch_size, threshold, mask, overwrite, workers, preview, quiet,
+            max_voxels, accept_irregular_series,
+        )  # fmt: skip
+    finally:
+        folder_lock.release()
+
+
+def _score_locked(
+    inputs: list[Path],
+    model: str,
+    out: Path,
+    device: str,
+    batch_size: int | None,
+    threshold: float | None,
+    mask: Path | None,
+    overwrite: bool,
+    workers: int | None,
+    preview: bool,
+    quiet: bool,
+    max_voxels: int,
+    accept_irregular_series: bool,
+) -> list[dict[str, Any]]:
+    from monai_aeflow.fileio import atomic_write_text
+    from monai_aeflow.inference.pipeline import AnomalyScorer, remove_leftovers, score_paths
+
+    scorer = AnomalyScorer(
+        model,
+        device=device,
+        batch_size=batch_size,
+        threshold=threshold,
+        max_voxels=max_voxels,
+        accept_irregular_series=accept_irregular_series,
+    )
     if workers is None:
         workers = 2 if scorer.device.type == "cuda" else 1
     if not quiet:
@@ -77,9 +118,18 @@ def _run(
             click.echo("no threshold stored in the model or given: lesion masks are not written", err=True)
     masks = {str(inputs[0]): str(mask)} if mask is not None else None
     rows = score_paths(
-        scorer, inputs, out, overwrite=overwrite, preview=preview, masks=masks, workers=workers, progress=not quiet
+        scorer,
+        inputs,
+        out,
+        overwrite=overwrite,
+        preview=preview,
+        masks=masks,
+        workers=workers,
+        progress=not quiet,
+        lock=False,
     )
     if len(rows) > 1:
+        remove_leftovers(out, (), ("summary.csv",))
         atomic_write_text(out / "summary.csv", _summary_csv(rows))
     return rows
 
@@ -109,10 +159,23 @@ def _run(
     default=None,
     help="Brain mask of the (single) input; default: from nonzero voxels.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (per-input files and summary.csv).")
 @click.option("--workers", type=click.IntRange(0), default=None, help="Inputs loaded ahead in background threads.")
 @click.option("--no-preview", is_flag=True, help="Do not write the PNG previews.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table.")
+@click.option(
+    "--max-voxels",
+    type=click.IntRange(1),
+    default=DEFAULT_MAX_VOXELS,
+    show_default=True,
+    help="Refuse an input whose header implies more voxels (times channels), before loading it.",
+)
+@click.option(
+    "--accept-irregular-series",
+    is_flag=True,
+    help="Score a DICOM series with unreadable slice files or non-uniform slice spacing as loaded (readable "
+    "slices at one spacing) instead of refusing it; NAME_scores.json records the problems (irregular_series).",
+)
 def score(
     paths: tuple[str, ...],
     model: str,
@@ -125,6 +188,8 @@ def score(
     workers: int | None,
     no_preview: bool,
     quiet: bool,
+    max_voxels: int,
+    accept_irregular_series: bool,
 ) -> None:
     """Score volumes and images: anomaly map, lesion mask, scores JSON and preview per input.
 
@@ -133,10 +198,18 @@ def score(
     input's shape and affine), NAME_mask.nii.gz (the post-processed lesion mask at the threshold),
     NAME_scores.json and NAME_preview.png (2D inputs: NAME_anomaly.tif and NAME_mask.png). With several
     inputs a summary.csv is written too. The exit code is 2 if any input failed; the others still complete.
+
+    The output folder is checked (created, writable, not in use by another score run: it is locked) and an
+    existing summary.csv refused without --overwrite before the model is loaded. Each input's files are
+    written as a group, NAME_scores.json last: files that a killed run left without their scores JSON are
+    redone without --overwrite. An input whose header implies more than --max-voxels voxels, and a DICOM
+    series with unreadable slice files or non-uniform slice spacing (unless --accept-irregular-series), fail
+    before loading.
     """
     rows = run_guarded(
-        _run, paths, model, out, device, batch_size, threshold, mask, overwrite, workers, not no_preview, quiet
-    )
+        _run, paths, model, out, device, batch_size, threshold, mask, overwrite, workers, not no_preview, quiet,
+        max_voxels, accept_irregular_series,
+    )  # fmt: skip
     failed = [r for r in rows if r["status"] != "ok"]
     if not quiet and len(rows) > 1:
         click.echo(_summary_table(rows))
@@ -146,6 +219,9 @@ def score(
             f"{r['name']}: volume score {_fmt(r['volume_score'])}, max slice score {_fmt(r['max_slice_score'])}, "
             f"lesion voxels {_fmt(r['lesion_voxels'])} -> {out}"
         )
+    for r in rows:
+        if r.get("note"):
+            click.echo(f"{r['name']}: {r['note']}", err=True)
     for r in failed:
         click.echo(f"Error: {r['error']}", err=True)
     if failed:

@@ -4,7 +4,12 @@
 runs the 2D model over every brain slice of a volume in batches (:func:`~monai_aeflow.inference.score_slices`)
 and maps the anomaly map back through crop/pad, resampling and reorientation so that it overlays the input
 voxel for voxel. :func:`write_outputs` writes the NIfTI map, the binary lesion mask, the JSON of scores and a
-PNG preview atomically; :func:`score_paths` does all of it for many inputs, overlapping loading with the model.
+PNG preview as one group (the JSON last, as the commit marker); :func:`score_paths` does all of it for many
+inputs, overlapping loading with the model, while holding a lock on the output folder.
+
+Before an input is loaded its header is checked against a voxel limit (a corrupt or hostile header cannot
+drive a huge allocation) and a DICOM series is checked for unreadable slice files and non-uniform slice
+spacing (MONAI's ITK reader would drop the slice and stack the rest at one spacing).
 
 Example::
 
@@ -18,7 +23,10 @@ from __future__ import annotations
 import glob
 import hashlib
 import inspect
+import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,25 +42,41 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 
 from monai_aeflow.checkpoint import load_model
-from monai_aeflow.data.io import IMAGE_2D_SUFFIXES, file_kind, is_dicom_series_dir, reraise_input_errors
+from monai_aeflow.data.io import (
+    DEFAULT_MAX_VOXELS,
+    IMAGE_2D_SUFFIXES,
+    IrregularSeriesError,
+    check_dicom_series,
+    check_voxel_limit,
+    file_kind,
+    is_dicom_series_dir,
+    reraise_input_errors,
+)
 from monai_aeflow.data.transforms import build_image_preprocessing, build_volume_preprocessing
 from monai_aeflow.errors import AEFlowInputError, CheckpointError
 from monai_aeflow.evaluation.postprocess import PostprocessConfig, postprocess_map, segment
-from monai_aeflow.fileio import atomic_write, atomic_write_json
+from monai_aeflow.fileio import FolderLock, atomic_write, atomic_write_json
 from monai_aeflow.inference.volume import score_slices, score_volume
 from monai_aeflow.visualize import most_anomalous_slices, save_slice_panel
 
 __all__ = [
     "AnomalyScorer",
     "ScoreResult",
+    "SCORE_LOCK_NAME",
     "expand_inputs",
+    "lock_output_folder",
     "output_name",
     "output_paths",
+    "output_state",
     "preprocessing_from_config",
+    "remove_leftovers",
     "resolve_model_path",
     "score_paths",
     "write_outputs",
 ]
+
+SCORE_LOCK_NAME = ".aeflow-score.lock"
+"""Lock file that an ``aeflow-cli score`` run (:func:`score_paths`) holds in its output folder."""
 
 BUNDLE_MODEL_FILES = ("models/model.pt", "model.pt")
 _KINDS = ("volume", "image2d")
@@ -212,6 +236,11 @@ class AnomalyScorer:
         min_brain_voxels: axial slices with fewer brain voxels than this are not scored (map 0, score null).
         postprocessing: overrides of the stored post-processing (see
             :class:`~monai_aeflow.evaluation.postprocess.PostprocessConfig`).
+        max_voxels: inputs whose header implies more voxels (times channels) are refused before loading
+            (``None``: no limit).
+        accept_irregular_series: score a DICOM series with unreadable slice files or non-uniform spacing as
+            MONAI's ITK reader loads it (readable slices stacked at one spacing) and record the problems in the
+            scores as ``irregular_series``; by default such a series is refused.
 
     Raises:
         CheckpointError: missing, unsafe or foreign model file.
@@ -226,11 +255,17 @@ class AnomalyScorer:
         amp: bool | None = None,
         min_brain_voxels: int = 1,
         postprocessing: Mapping[str, Any] | None = None,
+        max_voxels: int | None = DEFAULT_MAX_VOXELS,
+        accept_irregular_series: bool = False,
     ) -> None:
         from monai_aeflow.engines.workflow import resolve_device
 
         if batch_size is not None and batch_size < 1:
             raise AEFlowInputError(f"batch size must be at least 1, got {batch_size}")
+        if max_voxels is not None and max_voxels < 1:
+            raise AEFlowInputError(f"the voxel limit must be at least 1, got {max_voxels}")
+        self.max_voxels = None if max_voxels is None else int(max_voxels)
+        self.accept_irregular_series = bool(accept_irregular_series)
         self.device = resolve_device(device)
         self.model_path = resolve_model_path(model)
         self.network, self.checkpoint = load_model(self.model_path, self.device)
@@ -280,11 +315,20 @@ class AnomalyScorer:
             ``kind`` and ``source``.
 
         Raises:
-            AEFlowInputError: missing, unreadable, 4D, too thin or wrongly-shaped input (message names the file).
+            AEFlowInputError: missing, unreadable, 4D, too thin, too large (header beyond ``max_voxels``) or
+                wrongly-shaped input (message names the file).
+            IrregularSeriesError: a DICOM series with unreadable slice files or non-uniform slice spacing,
+                unless ``accept_irregular_series``.
         """
-        kind = "image2d" if file_kind(image) == "image2d" else "volume"
+        source_kind = file_kind(image)
+        kind = "image2d" if source_kind == "image2d" else "volume"
         if mask is not None and not Path(mask).exists():
             raise AEFlowInputError("brain mask not found", path=mask)
+        # header only: nothing is allocated for an image that is too large
+        check_voxel_limit(image, self.max_voxels)
+        if mask is not None:
+            check_voxel_limit(mask, self.max_voxels)
+        irregular = self._check_series(image) if source_kind == "dicom" else None
         with reraise_input_errors():
             data = self.pipeline(kind)(
                 {"image": str(image), "mask": None if mask is None else str(mask), "label": None}
@@ -306,7 +350,30 @@ class AnomalyScorer:
             )
         data["kind"] = kind
         data["source"] = str(image)
+        if irregular is not None:
+            irregular["slices_loaded"] = int(shape[-1])
+            data["irregular_series"] = irregular
         return data
+
+    def _check_series(self, folder: str | os.PathLike) -> dict[str, Any] | None:
+        info = check_dicom_series(folder)
+        if not info.problems:
+            return None
+        listed = "; ".join(info.problems[:3]) + (
+            f"; and {len(info.problems) - 3} more" if len(info.problems) > 3 else ""
+        )
+        if not self.accept_irregular_series:
+            raise IrregularSeriesError(
+                f"irregular DICOM series: {listed} (use --accept-irregular-series to score it as loaded)", path=folder
+            )
+        return {
+            "problems": list(info.problems),
+            "action": "scored as loaded (accept_irregular_series): MONAI's ITK reader skipped unreadable slice "
+            "files and stacked the others at one spacing, so the map's slices may not line up with the series' "
+            "slice positions",
+            "slice_files": len(info.files),
+            "median_slice_spacing_mm": info.spacing,
+        }
 
     # -- scoring -------------------------------------------------------------------------------------------
     def score(self, image: str | os.PathLike, mask: str | os.PathLike | None = None) -> ScoreResult:
@@ -473,6 +540,7 @@ class AnomalyScorer:
             "lesion_voxels": lesion_voxels,
             "lesion_volume_ml": None if lesion_voxels is None or voxel_ml is None else lesion_voxels * voxel_ml,
             "brain_voxels": int(brain_in.sum()),
+            "irregular_series": data.get("irregular_series"),
             "model": self.identity,
         }
         header = None
@@ -526,6 +594,93 @@ def _save_2d(array: np.ndarray, path: Path, as_mask: bool) -> None:
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG" if suffix == "png" else "TIFF"))
 
 
+def _file_entry(path: Path) -> dict[str, Any]:
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def output_state(name: str, out_dir: str | os.PathLike, kind: str = "volume") -> str:
+    """Whether the outputs of one input are absent, complete or left incomplete by an interrupted run.
+
+    The scores JSON is written last (see :func:`write_outputs`), so it marks a complete group: outputs without
+    a readable scores JSON are what a run killed while writing left behind.
+
+    Args:
+        name: the output name (see :func:`output_name`).
+        out_dir: the output folder.
+        kind: ``"volume"`` or ``"image2d"``.
+
+    Returns:
+        ``"absent"`` (no output file), ``"complete"`` (a readable scores JSON) or ``"incomplete"``.
+    """
+    paths = output_paths(name, out_dir, kind)
+    scores = paths["scores"]
+    if scores.exists():
+        try:
+            if isinstance(json.loads(scores.read_text(encoding="utf-8")), dict):
+                return "complete"
+        except (OSError, ValueError):
+            pass
+        return "incomplete"
+    return "incomplete" if any(p.exists() for p in paths.values()) else "absent"
+
+
+def remove_leftovers(out_dir: str | os.PathLike, names: Iterable[str], files: Iterable[str] = ()) -> list[str]:
+    """Remove the hidden temporary files and folders that interrupted writes of these outputs left behind.
+
+    Call it only while holding the output folder's lock (:func:`lock_output_folder`): a running writer's
+    temporaries look the same.
+
+    Args:
+        out_dir: the output folder.
+        names: output names (see :func:`output_name`); their staging folders ``.NAME.*.tmp`` and the
+            temporaries ``.NAME_anomaly.nii.gz.*.tmp*`` (and the like) of :func:`~monai_aeflow.fileio.atomic_write`
+            are removed.
+        files: other file names in the folder whose temporaries are removed (e.g. ``summary.csv``).
+
+    Returns:
+        The names removed.
+    """
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    prefixes = []
+    for name in names:
+        prefixes.append(f".{name}.")
+        for kind in _KINDS:
+            prefixes += [f".{p.name}." for p in output_paths(name, out, kind).values()]
+    prefixes += [f".{f}." for f in files]
+    removed = []
+    for entry in out.iterdir():
+        if not (entry.name.startswith(".") and ".tmp" in entry.name and entry.name.startswith(tuple(prefixes))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed
+
+
+def lock_output_folder(out_dir: str | os.PathLike) -> FolderLock:
+    """Create the output folder if needed, check that it is writable and lock it against other score runs.
+
+    Args:
+        out_dir: the output folder.
+
+    Returns:
+        The held lock (release it with ``release()`` or use it as a context manager).
+
+    Raises:
+        AEFlowInputError: the folder cannot be created or written, or another run holds it
+            (:class:`~monai_aeflow.fileio.FolderLockedError`).
+    """
+    return FolderLock(out_dir, SCORE_LOCK_NAME, "aeflow-cli score run").acquire()
+
+
+def _commit(staged: Path, dest: Path) -> None:
+    os.replace(staged, dest)
+
+
 def write_outputs(
     result: ScoreResult,
     out_dir: str | os.PathLike,
@@ -533,18 +688,24 @@ def write_outputs(
     preview: bool = True,
     name: str | None = None,
 ) -> dict[str, Path]:
-    """Write the anomaly map, the lesion mask, the scores JSON and a preview PNG of one result, atomically.
+    """Write the anomaly map, the lesion mask, the scores JSON and a preview PNG of one result, as one group.
 
     Volumes give ``<name>_anomaly.nii.gz`` (float32) and ``<name>_mask.nii.gz`` (uint8) with the input's
     shape and affine (and its NIfTI header when the input is NIfTI); 2D images give ``<name>_anomaly.tif``
     (float32) and ``<name>_mask.png`` with the input's size. The mask is written only when a threshold is
-    known. Each file is written to a temporary name and renamed, so an interrupted run leaves no truncated
-    file.
+    known. All files are first written to a hidden staging folder ``.<name>.*.tmp`` in ``out_dir``; then an
+    existing scores JSON is removed, the files are renamed into place and the scores JSON, which lists every
+    file of the group with its size and SHA-256 (``output_files``), is renamed last. A run killed at any point
+    therefore leaves either the previous complete group, or files without a scores JSON (which
+    :func:`output_state` reports as incomplete and :func:`score_paths` redoes), never a scores JSON that
+    describes other files. Files of an earlier group that this one does not write (a mask without threshold,
+    a preview) are removed.
 
     Args:
         result: the output of :meth:`AnomalyScorer.score`.
         out_dir: the output folder (created).
-        overwrite: replace existing outputs; otherwise an existing output is an error and nothing is written.
+        overwrite: replace existing outputs; otherwise a complete group (see :func:`output_state`) is an error
+            and nothing is written. Files left incomplete by an interrupted run are replaced either way.
         preview: also write the PNG of the most anomalous slices.
         name: output name (default: from the input's file name).
 
@@ -552,40 +713,57 @@ def write_outputs(
         The paths written (``anomaly``, ``mask`` (absent without a threshold), ``scores``, ``preview``).
 
     Raises:
-        AEFlowInputError: an output exists and ``overwrite`` is False.
+        AEFlowInputError: the outputs exist and ``overwrite`` is False.
     """
-    paths = output_paths(name or result.name, out_dir, result.kind)
+    name = name or result.name
+    group = output_paths(name, out_dir, result.kind)
+    paths = dict(group)
     if result.lesion_mask is None:
         paths.pop("mask")
     if not preview:
         paths.pop("preview")
-    if not overwrite:
-        for path in paths.values():
-            if path.exists():
-                raise AEFlowInputError("output exists (use --overwrite to replace it)", path=path)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    if result.kind == "image2d":
-        _save_2d(result.anomaly_map, paths["anomaly"], as_mask=False)
-        if "mask" in paths:
-            _save_2d(result.lesion_mask, paths["mask"], as_mask=True)
-    else:
-        _save_nifti(result.anomaly_map, result.affine, result.header, paths["anomaly"], np.float32)
-        if "mask" in paths:
-            _save_nifti(result.lesion_mask, result.affine, result.header, paths["mask"], np.uint8)
-    if "preview" in paths:
-        pv = result.preview
-        show = most_anomalous_slices(pv["slice_scores"], 4) or [0]
-        save_slice_panel(
-            paths["preview"],
-            np.asarray(pv["image"]),
-            show,
-            reconstruction=pv["reconstruction"],
-            anomaly_map=pv["anomaly_map"],
-            slice_scores=pv["slice_scores"],
-            title=f"{result.name}: volume score {result.scores['volume_score']:.4g}",
-        )
-    outputs = {k: str(v) for k, v in paths.items()}
-    atomic_write_json(paths["scores"], {**result.scores, "outputs": outputs})
+    if not overwrite and output_state(name, out_dir, result.kind) == "complete":
+        existing = next(p for p in group.values() if p.exists())
+        raise AEFlowInputError("output exists (use --overwrite to replace it)", path=existing)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=out))
+    try:
+        staged = {key: stage / path.name for key, path in paths.items()}
+        if result.kind == "image2d":
+            _save_2d(result.anomaly_map, staged["anomaly"], as_mask=False)
+            if "mask" in staged:
+                _save_2d(result.lesion_mask, staged["mask"], as_mask=True)
+        else:
+            _save_nifti(result.anomaly_map, result.affine, result.header, staged["anomaly"], np.float32)
+            if "mask" in staged:
+                _save_nifti(result.lesion_mask, result.affine, result.header, staged["mask"], np.uint8)
+        if "preview" in staged:
+            pv = result.preview
+            show = most_anomalous_slices(pv["slice_scores"], 4) or [0]
+            save_slice_panel(
+                staged["preview"],
+                np.asarray(pv["image"]),
+                show,
+                reconstruction=pv["reconstruction"],
+                anomaly_map=pv["anomaly_map"],
+                slice_scores=pv["slice_scores"],
+                title=f"{result.name}: volume score {result.scores['volume_score']:.4g}",
+            )
+        files = {key: _file_entry(path) for key, path in staged.items() if key != "scores"}
+        outputs = {k: str(v) for k, v in paths.items()}
+        atomic_write_json(staged["scores"], {**result.scores, "outputs": outputs, "output_files": files})
+        # commit: the scores JSON goes first and comes back last, so it never describes other files
+        paths["scores"].unlink(missing_ok=True)
+        for key, dest in group.items():
+            if key not in paths:
+                dest.unlink(missing_ok=True)
+        for key, dest in paths.items():
+            if key != "scores":
+                _commit(staged[key], dest)
+        _commit(staged["scores"], paths["scores"])
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return paths
 
 
@@ -653,11 +831,15 @@ def score_paths(
     masks: Mapping[str, str | os.PathLike] | None = None,
     workers: int = 1,
     progress: bool = True,
+    lock: bool = True,
 ) -> list[dict[str, Any]]:
     """Score many inputs, loading the next ones in background threads while the model runs.
 
-    A failing input (missing, corrupt, 4D, wrong channel count, existing outputs without ``overwrite``) is
-    recorded and the others still complete.
+    A failing input (missing, corrupt, 4D, too large, irregular DICOM series, wrong channel count, existing
+    outputs without ``overwrite``) is recorded and the others still complete. The output folder is locked for
+    the whole call (:func:`lock_output_folder`), so that two runs cannot interleave their files; temporaries
+    of an interrupted run are removed, and outputs it left incomplete (see :func:`output_state`) are redone
+    without ``overwrite`` (the row's ``note`` says so).
 
     Args:
         scorer: the scorer.
@@ -668,14 +850,17 @@ def score_paths(
         masks: optional brain mask per input (keyed by the input path as given).
         workers: inputs loaded ahead in background threads (0: load in the main thread).
         progress: show a progress bar.
+        lock: lock the output folder here; pass False when the caller already holds
+            :func:`lock_output_folder` for ``out_dir``.
 
     Returns:
         One dict per input: ``input``, ``name``, ``status`` (``"ok"`` or ``"error"``), ``error``,
         ``volume_score``, ``max_slice_score``, ``lesion_voxels``, ``lesion_volume_ml``, ``seconds``,
-        ``model_seconds`` and ``outputs``.
-    """
-    from tqdm.auto import tqdm
+        ``model_seconds``, ``outputs`` and, when incomplete outputs were replaced, ``note``.
 
+    Raises:
+        AEFlowInputError: two inputs share an output name, or the output folder is not writable or in use.
+    """
     masks = dict(masks or {})
     names: dict[str, str] = {}
     for p in inputs:
@@ -684,14 +869,38 @@ def score_paths(
             raise AEFlowInputError(f"two inputs would write the same outputs '{n}' (also {names[n]})", path=p)
         names[n] = str(p)
     out_root = Path(out_dir)
+    folder_lock = lock_output_folder(out_root) if lock else None
+    try:
+        return _score_locked(scorer, inputs, out_root, names, overwrite, preview, masks, workers, progress)
+    finally:
+        if folder_lock is not None:
+            folder_lock.release()
+
+
+def _score_locked(
+    scorer: AnomalyScorer,
+    inputs: Sequence[str | os.PathLike],
+    out_root: Path,
+    names: Mapping[str, str],
+    overwrite: bool,
+    preview: bool,
+    masks: Mapping[str, str | os.PathLike],
+    workers: int,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    from tqdm.auto import tqdm
+
+    remove_leftovers(out_root, names)
+    incomplete: set[str] = set()
 
     def check_outputs(path: str | os.PathLike) -> None:
-        if overwrite:
-            return
         kind = "image2d" if str(path).lower().endswith(IMAGE_2D_SUFFIXES) else "volume"
-        for dest in output_paths(output_name(path), out_root, kind).values():
-            if dest.exists():
-                raise AEFlowInputError("output exists (use --overwrite to replace it)", path=dest)
+        state = output_state(output_name(path), out_root, kind)
+        if state == "incomplete":
+            incomplete.add(output_name(path))
+        elif state == "complete" and not overwrite:
+            dest = next(p for p in output_paths(output_name(path), out_root, kind).values() if p.exists())
+            raise AEFlowInputError("output exists (use --overwrite to replace it)", path=dest)
 
     def load(path: str | os.PathLike) -> tuple[dict[str, Any] | None, BaseException | None, float]:
         start = time.perf_counter()
@@ -740,6 +949,8 @@ def score_paths(
                         model_seconds=s["timing"]["model_seconds"],
                         outputs={k: str(v) for k, v in written.items()},
                     )
+                    if row["name"] in incomplete:
+                        row["note"] = "replaced the incomplete outputs of an interrupted run"
                 except Exception as exc:  # one bad input must not stop the others
                     err = exc
             if err is not None:

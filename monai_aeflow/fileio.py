@@ -247,7 +247,7 @@ class FolderLock:
         self._created = []
 
     def __enter__(self) -> FolderLock:
-        return self.acquire()
+        return self if self.held else self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()

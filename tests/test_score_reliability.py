@@ -414,3 +414,30 @@ def test_atomic_write_follows_the_umask(tmp_path, umask, mode):
         os.umask(old)
     assert path.stat().st_mode & 0o777 == mode
     assert os.umask(old) == old  # the umask was restored
+
+
+def test_folder_lock_is_exclusive_and_released(tmp_path):
+    from monai_aeflow.fileio import FolderLockedError
+    from monai_aeflow.inference.pipeline import lock_output_folder
+
+    out = tmp_path / "a" / "out"
+    first = lock_output_folder(out)
+    with pytest.raises(FolderLockedError, match=f"in use by another aeflow-cli score run \\(pid {os.getpid()}\\)"):
+        lock_output_folder(out)
+    first.release()
+    assert not (tmp_path / "a").exists()  # the folders it created stayed empty and were removed
+    with lock_output_folder(out):
+        (out / "x").write_text("x")
+    assert [p.name for p in out.iterdir()] == ["x"]  # no lock file left
+
+
+def test_unwritable_output_folder_message(tmp_path, monkeypatch):
+    import monai_aeflow.fileio as fileio
+    from monai_aeflow.errors import AEFlowInputError
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(fileio.os, "open", refuse)
+    with pytest.raises(AEFlowInputError, match="output folder is not writable \\(Permission denied\\)"):
+        fileio.FolderLock(tmp_path, ".lock", "test").acquire()

@@ -390,3 +390,13 @@ def test_read_only_output_folder_is_an_error_before_data_preparation(tmp_path, m
         assert res.exit_code == 2 and "ro" in res.output and "Traceback" not in res.output, res.output
     finally:
         parent.chmod(0o755)
+
+
+def test_a_model_with_a_discriminator_is_not_resumed_without_it(tmp_path):
+    trainer, _ = _tiny_engines(tmp_path / "a")
+    trainer.run()
+    net, _ = compare_mod.build_model("vqgan", 1, (32, 32))
+    items = [{"image": torch.rand(1, 32, 32)} for _ in range(4)]
+    cfg = TrainingConfig(str(tmp_path / "a"), max_epochs=3, progress=False, device="cpu", resume=str(tmp_path / "a"))
+    with pytest.raises(AEFlowInputError, match="vqgan cannot be resumed"):
+        create_engines(net, DataLoader(items, batch_size=4), None, cfg)

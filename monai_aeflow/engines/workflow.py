@@ -441,7 +441,8 @@ def open_resume_checkpoint(resume: str | os.PathLike, max_epochs: int) -> tuple[
     done = checkpoint_epoch(ckpt)
     if done >= max_epochs:
         raise AEFlowInputError(
-            f"the run already trained {done} epochs (of {max_epochs}); give --epochs N with N > {done} to train longer",
+            f"the run already trained {done} epoch{'s' if done != 1 else ''} (of {max_epochs}); give --epochs N with "
+            f"N > {done} to train longer",
             path=path,
         )
     return path, ckpt

@@ -4,7 +4,7 @@ The networks live in one module each, as in MONAI's ``monai.networks.nets``; thi
 that ``from monai_aeflow.networks.baselines import X`` keeps working. Every network is built from keyword
 arguments only, keeps them in ``self.hparams`` (what a model file stores to rebuild it) and returns a
 ``NamedTuple`` with an ``x_rec`` field (B, C, H, W) from ``forward``. Inputs are (B, C, H, W) images in
-[0, 1]. Losses and scores live in :mod:`monai_aeflow.baselines`.
+[0, 1]. Losses and scores live in :mod:`monai_aeflow.models`.
 
 - :class:`ConvAutoEncoder` (:mod:`~monai_aeflow.networks.autoencoder`): convolutional autoencoder with
   AE-FLOW's decoder (reconstruction only).

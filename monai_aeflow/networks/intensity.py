@@ -69,7 +69,7 @@ class IntensityBaseline(nn.Module):
     Hyper-intense lesions on FLAIR are the brightest tissue of a skull-stripped, [0, 1]-normalised slice, so
     thresholding the (denoised) intensity is a strong reference that a learned model has to beat. The map is
     the ``median_size x median_size`` median of the image, averaged over channels; the image score is its
-    maximum (see :func:`monai_aeflow.baselines.intensity_score`). Nothing is trained.
+    maximum (see :func:`monai_aeflow.models.intensity.intensity_score`). Nothing is trained.
 
     Args:
         in_channels: image channels.

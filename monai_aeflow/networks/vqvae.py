@@ -1,7 +1,7 @@
 """VQ-VAE (van den Oord et al.) and the VQ-GAN generator (Esser et al.), both built on MONAI's ``VQVAE``.
 
 The VQ-GAN's patch discriminator (MONAI ``PatchDiscriminator``) belongs to its loss,
-:class:`monai_aeflow.baselines.VQGANLoss`, so it is not a network of this package.
+:class:`monai_aeflow.models.vqvae.VQGANLoss`, so it is not a network of this package.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ class VQGANNet(VQVAENet):
     """The generator of a VQ-GAN (Esser et al.): a :class:`VQVAENet` trained with an adversarial loss.
 
     The architecture is MONAI's ``VQVAE``; the patch discriminator (MONAI ``PatchDiscriminator``) and its
-    optimiser live in the loss (:class:`monai_aeflow.baselines.VQGANLoss`), so the saved model is the
+    optimiser live in the loss (:class:`monai_aeflow.models.vqvae.VQGANLoss`), so the saved model is the
     generator alone. A distinct class so that the model registry tells the two apart. Same arguments as
     :class:`VQVAENet`.
     """

@@ -1,0 +1,148 @@
+"""The registry of anomaly-detection models that share the engine, the scorer, the CLI and the bundles.
+
+A model is described by a :class:`ModelSpec`: the network class (a plain ``nn.Module`` built from keyword
+arguments, with an ``hparams`` dict of them and a ``forward`` whose output has an ``x_rec`` reconstruction),
+a loss factory (``make_loss(training) -> loss_fn(output, x) -> {"loss": ..., other terms}``) and a batch
+scorer (``score(network, x, beta, map_kind) -> {"score", "anomaly_map", "recon", ...}``; higher is more
+anomalous). The trainer, :func:`monai_aeflow.inference.score_slices`, the checkpoint loader and
+``aeflow-cli`` only talk to models through this interface.
+
+One file per model, as in anomalib: :mod:`.aeflow`, :mod:`.ae`, :mod:`.vae`, :mod:`.pchvae`, :mod:`.vqvae`
+(VQ-VAE and VQ-GAN), :mod:`.flow_only` and :mod:`.intensity` each hold the model's loss, its score and pixel
+map and its ``SPEC``; shared helpers are in :mod:`.common` and the :class:`ModelSpec` record in :mod:`.spec`.
+The model files never import this module, so there is no import circle.
+
+Adding a built-in model: its network in ``monai_aeflow/networks/<name>.py``, its loss, score and ``SPEC`` in
+``monai_aeflow/models/<name>.py``, and one line in :data:`BUILTIN_SPECS`. A user's own model is added at run
+time with :func:`register_model`::
+
+    register_model(ModelSpec(name="mine", network_cls=MyNet, make_loss=my_loss, score=my_score))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from monai_aeflow.models import ae, aeflow, flow_only, intensity, pchvae, vae, vqvae
+from monai_aeflow.models.aeflow import aeflow_score
+from monai_aeflow.models.spec import LossFactory, ModelSpec, ScoreFn
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "BUILTIN_SPECS",
+    "DEFAULT_MODEL",
+    "LossFactory",
+    "MODELS",
+    "ModelSpec",
+    "ScoreFn",
+    "aeflow_score",
+    "build_network",
+    "get_model_spec",
+    "model_name_of",
+    "register_model",
+    "trainable_parameters",
+]
+
+DEFAULT_MODEL = "aeflow"
+"""The model used when none is named."""
+
+BUILTIN_SPECS: tuple[ModelSpec, ...] = (
+    intensity.SPEC,
+    ae.SPEC,
+    vae.SPEC,
+    pchvae.SPEC,
+    vqvae.VQVAE_SPEC,
+    vqvae.VQGAN_SPEC,
+    flow_only.SPEC,
+    aeflow.SPEC,
+)
+"""The built-in models, in the order of comparison tables, ``--help`` listings and parametrised tests."""
+
+BUILTIN_MODELS: tuple[str, ...] = tuple(spec.name for spec in BUILTIN_SPECS)
+"""Registry names of :data:`BUILTIN_SPECS`, in the same order."""
+
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in BUILTIN_SPECS}
+"""Every registered model by name: the built-in ones in :data:`BUILTIN_SPECS` order, then the registered ones."""
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Add a model to :data:`MODELS` (replacing one of the same name).
+
+    Args:
+        spec: the model description.
+
+    Returns:
+        The spec.
+    """
+    MODELS[spec.name] = spec
+    return spec
+
+
+def get_model_spec(name: str | None) -> ModelSpec:
+    """The spec of a registered model.
+
+    Args:
+        name: registry key; ``None`` means AE-FLOW.
+
+    Returns:
+        The :class:`ModelSpec`.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    key = DEFAULT_MODEL if name is None else str(name).lower()
+    if key not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+    return MODELS[key]
+
+
+def build_network(name: str | None = None, **hparams: Any) -> nn.Module:
+    """Build a registered network from its keyword arguments (merged over the spec's defaults).
+
+    Args:
+        name: registry key (default AE-FLOW).
+        hparams: keyword arguments of the network class.
+
+    Returns:
+        The network.
+    """
+    spec = get_model_spec(name)
+    kwargs = {**dict(spec.defaults or {}), **hparams}
+    return spec.network_cls(**kwargs)
+
+
+def model_name_of(network: nn.Module) -> str:
+    """The registry name of a network instance (its class registered under that name).
+
+    Args:
+        network: a network built by :func:`build_network` (or wrapped by DDP / ``torch.compile``).
+
+    Returns:
+        The registry key.
+
+    Raises:
+        ValueError: the class is not registered.
+    """
+    net = getattr(network, "module", network)
+    net = getattr(net, "_orig_mod", net)
+    for name, spec in MODELS.items():
+        if type(net) is spec.network_cls:
+            return name
+    raise ValueError(f"{type(net).__name__} is not a registered model")
+
+
+def trainable_parameters(network: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimiser updates (``network.trainable_parameters()`` when defined).
+
+    Args:
+        network: the model.
+
+    Returns:
+        A list of parameters with ``requires_grad``.
+    """
+    net = getattr(network, "module", network)
+    if hasattr(net, "trainable_parameters"):
+        return list(net.trainable_parameters())
+    return [p for p in net.parameters() if p.requires_grad]

@@ -1,0 +1,72 @@
+"""AE-FLOW (Zhao et al., ICLR 2023): its loss factory, its score and pixel map, and its :class:`ModelSpec`.
+
+The loss is :class:`monai_aeflow.losses.AEFlowLoss` and the score terms come from :mod:`monai_aeflow.scores`;
+the network is :class:`monai_aeflow.networks.aeflow.AEFlow`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from monai_aeflow.losses import AEFlowLoss
+from monai_aeflow.models.spec import ModelSpec
+from monai_aeflow.networks.aeflow import AEFlow
+from monai_aeflow.scores import anomaly_map, flow_score, recon_score
+
+__all__ = ["SPEC", "aeflow_score", "make_loss"]
+
+
+def aeflow_score(
+    network: nn.Module, x: torch.Tensor, beta: float = 0.9, map_kind: str = "residual"
+) -> dict[str, torch.Tensor]:
+    """AE-FLOW's scorer: ``beta * S_flow + (1 - beta) * S_recon`` and the chosen pixel map.
+
+    Args:
+        network: an :class:`AEFlow`.
+        x: (B, C, H, W) images.
+        beta: flow weight.
+        map_kind: ``residual``, ``flow`` or ``ssim``.
+
+    Returns:
+        ``score``, ``score_flow``, ``score_recon``, ``anomaly_map`` and ``recon``.
+    """
+    out = network(x)
+    x = x.float()
+    x_rec = out.x_rec.float()
+    z_prime = out.z_prime.float()
+    s_flow = flow_score(z_prime)
+    s_recon = recon_score(x, x_rec)
+    return {
+        "score": beta * s_flow + (1.0 - beta) * s_recon,
+        "score_flow": s_flow,
+        "score_recon": s_recon,
+        "anomaly_map": anomaly_map(z_prime, x, x_rec, map_kind),
+        "recon": x_rec,
+    }
+
+
+def make_loss(training: Mapping[str, Any]) -> nn.Module:
+    """AE-FLOW's loss from the training settings.
+
+    Args:
+        training: ``alpha`` (flow weight, default 0.5) and ``recon_loss`` (``mse``, ``l1`` or ``ssim``).
+
+    Returns:
+        An :class:`AEFlowLoss`.
+    """
+    return AEFlowLoss(float(training.get("alpha", 0.5)), str(training.get("recon_loss", "mse")))
+
+
+SPEC = ModelSpec(
+    name="aeflow",
+    network_cls=AEFlow,
+    make_loss=make_loss,
+    score=aeflow_score,
+    description="AE-FLOW: autoencoder with a normalizing-flow bottleneck (Zhao et al., ICLR 2023)",
+    defaults={"in_channels": 1, "backbone": "wide_resnet50_2"},
+)
+"""AE-FLOW in the registry."""

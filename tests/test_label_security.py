@@ -23,6 +23,7 @@ pytest.importorskip("monailabel")
 requests = pytest.importorskip("requests")
 
 from monai_aeflow.label import LocalLabelServer  # noqa: E402
+from monai_aeflow.label.routes import InferQueue, QueueFull  # noqa: E402
 from monai_aeflow.label.validation import IMAGE_NOT_FOUND, RequestError, parse_params, resolve_image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +90,25 @@ def test_parse_params_keeps_only_known_keys_with_their_types():
         parse_params('{"brain_mask": "/data/mask.nii.gz"}')
     with pytest.raises(RequestError, match="label tag"):
         parse_params('{"label_tag": "../../etc"}')
+
+
+def test_infer_queue_bounds_pending_jobs_and_passes_results_and_errors():
+    gate = threading.Event()
+    jobs = InferQueue(max_pending=2)
+    first = jobs.submit(lambda: gate.wait(30) and "done")
+    second = jobs.submit(lambda: 1 / 0)
+    assert jobs.pending == 2
+    with pytest.raises(QueueFull):
+        jobs.submit(lambda: None)
+    gate.set()
+    assert first.result(30) == "done"
+    with pytest.raises(ZeroDivisionError):
+        second.result(30)
+    deadline = time.monotonic() + 10
+    while jobs.pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert jobs.pending == 0
+    assert jobs.submit(lambda: 7).result(30) == 7
 
 
 class _Store:

@@ -6,7 +6,8 @@ Needs the MONAI Label server (``monailabel`` 0.8.5), installed as described in t
 
 The app folder ``apps/aeflow_label`` serves it::
 
-    monailabel start_server --app apps/aeflow_label --studies /data/nifti --conf model runs/brats/model.pt --host 127.0.0.1
+    monailabel start_server --app apps/aeflow_label --studies /data/nifti --conf model runs/brats/model.pt \\
+        --host 127.0.0.1
 """
 
 from __future__ import annotations

@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import re
 import shutil
 import tempfile
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,10 @@ class QueueFull(Exception):
 
 
 class InferQueue:
-    """A bounded queue of inference jobs run by worker threads.
+    """A bounded queue of inference jobs run by daemon worker threads.
+
+    The workers are daemon threads, so stopping the server does not wait for the queued volumes to be scored (a
+    ``ThreadPoolExecutor`` would run its whole queue before the process could exit).
 
     Args:
         max_pending: the most jobs waiting or running at once; :meth:`submit` raises :class:`QueueFull` beyond.
@@ -59,17 +63,30 @@ class InferQueue:
         self.max_pending = int(max_pending)
         self._pending = 0
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aeflow-infer")
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(workers):
+            threading.Thread(target=self._work, name=f"aeflow-infer-{i}", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            future, fn, args = self._jobs.get()
+            try:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        result = fn(*args)
+                    except BaseException as err:
+                        future.set_exception(err)
+                    else:
+                        future.set_result(result)
+            finally:
+                with self._lock:
+                    self._pending -= 1
 
     @property
     def pending(self) -> int:
         """Jobs waiting or running."""
         with self._lock:
             return self._pending
-
-    def _release(self, _: Future) -> None:
-        with self._lock:
-            self._pending -= 1
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Queue ``fn(*args)``.
@@ -88,13 +105,8 @@ class InferQueue:
             if self._pending >= self.max_pending:
                 raise QueueFull(f"{self._pending} requests are waiting or running")
             self._pending += 1
-        try:
-            future = self._executor.submit(fn, *args)
-        except BaseException:
-            with self._lock:
-                self._pending -= 1
-            raise
-        future.add_done_callback(self._release)
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
         return future
 
     def info(self) -> dict[str, int]:
@@ -128,13 +140,13 @@ def _remove(path: str | None) -> None:
             logger.warning(f"could not remove {path}: {err}")
 
 
-def make_infer_endpoint(app: Any, queue: InferQueue) -> Callable[..., Any]:
+def make_infer_endpoint(app: Any, infer_queue: InferQueue) -> Callable[..., Any]:
     """The ``POST /infer/<model>`` endpoint of the AE-FLOW app.
 
     Args:
         app: the :class:`~monai_aeflow.label.AEFlowLabelApp` (its ``infer``, ``datastore``, ``sessions`` and
             ``app_config.name``).
-        queue: the queue that runs the inference.
+        infer_queue: the queue that runs the inference.
 
     Returns:
         An ``async`` FastAPI endpoint with MONAI Label's parameters (``model``, ``image``, ``session_id``,
@@ -177,7 +189,7 @@ def make_infer_endpoint(app: Any, queue: InferQueue) -> Callable[..., Any]:
                 raise RequestError(400, "output=dicom_seg is not available from the AE-FLOW app: use image, json, all")
             if not (file or image or session_id):
                 raise RequestError(400, "name a datastore image (image=<id>), a session_id, or upload a file")
-            future = queue.submit(run, model, image, session_id, options, file if file else None)
+            future = infer_queue.submit(run, model, image, session_id, options, file if file else None)
             result = await asyncio.wrap_future(future)
         except RequestError as err:
             raise HTTPException(status_code=err.status, detail=err.message) from None

@@ -2,7 +2,8 @@
 
 Start::
 
-    monailabel start_server --app apps/aeflow_label --studies /data/nifti --conf model runs/brats/model.pt --host 127.0.0.1
+    monailabel start_server --app apps/aeflow_label --studies /data/nifti --conf model runs/brats/model.pt \\
+        --host 127.0.0.1
 
 Options (``--conf KEY VALUE``): ``model`` (required: a trained ``.pt`` file or a bundle folder), ``device``
 (``auto``), ``batch_size`` (32), ``threshold`` (the model's), ``label`` (``anomaly``), ``name`` (``aeflow``:

@@ -325,3 +325,15 @@ def test_model_round_trips_through_a_model_file(name, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key])
+
+
+def test_scorer_pads_to_the_built_networks_multiple_not_the_class_default():
+    """A VQ-VAE with four levels needs multiples of 16 (the class default is 8): 40 x 40 slices still score."""
+    from monai_aeflow.inference.volume import score_slices
+    from monai_aeflow.networks.vqvae import VQVAENet
+
+    net = VQVAENet(channels=(4, 8, 8, 8), num_res_channels=(4, 8, 8, 8), num_embeddings=8, embedding_dim=4)
+    assert net.size_multiple == 16 and type(net).size_multiple == 8
+    out = score_slices(net, torch.rand(3, 1, 40, 40), batch_size=2)
+    assert out["anomaly_map"].shape == (3, 1, 40, 40)
+    assert torch.isfinite(out["anomaly_map"]).all()

@@ -106,7 +106,7 @@ def score_slices(
     # channels-last is faster on CUDA and on CPU (oneDNN) once the weights are channels-last too
     # (AnomalyScorer converts the network; a contiguous network still gives the same numbers)
     fmt = torch.channels_last
-    padded, (left, right, top, bottom) = pad_to_multiple(images.float(), spec.size_multiple)
+    padded, (left, right, top, bottom) = pad_to_multiple(images.float(), spec.size_multiple_of(network))
     hp, wp = padded.shape[-2:]
     if batch_size is None:
         batch_size = default_batch_size(device, hp, wp)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from monai.data import DataLoader, Dataset
 from sklearn.metrics import roc_auc_score
 
 from monai_aeflow.checkpoint import load_model
-from monai_aeflow.compare import build_model
+from monai_aeflow.data.datalists import split_cohort
 from monai_aeflow.data.slices import SliceDataset, select_slices
 from monai_aeflow.data.synthetic import generate_cohort
 from monai_aeflow.data.transforms import build_volume_preprocessing
@@ -27,6 +27,7 @@ from monai_aeflow.engines.workflow import TrainingConfig, resolve_device, train
 from monai_aeflow.errors import AEFlowInputError
 from monai_aeflow.fileio import atomic_write, atomic_write_json
 from monai_aeflow.inference.volume import score_volume
+from monai_aeflow.models import build_model
 from monai_aeflow.visualize import most_anomalous_slices, save_slice_panel
 
 __all__ = ["DemoConfig", "run_demo"]
@@ -76,7 +77,6 @@ class DemoConfig:
     min_brain_fraction: float = 0.3
     seed: int = 0
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _slice_items(volumes: Sequence[dict], min_fraction: float, healthy_only: bool) -> list[dict]:
@@ -111,13 +111,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
     cohort = generate_cohort(
         data_dir, n_healthy, n_lesion, seed=cfg.seed, shape=cfg.shape, spacing=cfg.spacing, progress=cfg.progress
     )
-    healthy = [c for c in cohort if c["healthy"]]
-    lesioned = [c for c in cohort if not c["healthy"]]
-    splits = {
-        "train": healthy[: cfg.n_train],
-        "val": healthy[cfg.n_train : cfg.n_train + cfg.n_val_healthy] + lesioned[: cfg.n_val_lesion],
-        "test": healthy[cfg.n_train + cfg.n_val_healthy :] + lesioned[cfg.n_val_lesion :],
-    }
+    splits = split_cohort(cohort, cfg.n_train, cfg.n_val_healthy, cfg.n_val_lesion)
     preprocessing = {"spatial_size": list(cfg.shape[:2]), "percentiles": [1.0, 99.0], "orientation": "RAS"}
     preprocess = build_volume_preprocessing(spatial_size=cfg.shape[:2])
 

@@ -18,6 +18,7 @@ from ignite.engine import Events
 from monai.data import DataLoader
 
 import monai_aeflow.compare as compare_mod
+import monai_aeflow.engines.run as run_mod
 import monai_aeflow.engines.workflow as workflow_mod
 from aeflow_cli.main import cli
 from monai_aeflow.checkpoint import load_model
@@ -79,7 +80,8 @@ def _no_data_preparation(mp: pytest.MonkeyPatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("data preparation must not start")
 
-    mp.setattr(compare_mod, "prepare_data", fail)
+    mp.setattr(compare_mod, "prepare_data", fail)  # aeflow-cli compare
+    mp.setattr(run_mod, "prepare_data", fail)  # aeflow-cli train
 
 
 def _ctrl_c_in_epoch(epoch: int):
@@ -198,7 +200,7 @@ def test_resume_refuses_conflicting_options_and_finished_runs(runs, tmp_path, mo
     def sentinel(*args, **kwargs):
         raise AEFlowInputError("data preparation reached")
 
-    monkeypatch.setattr(compare_mod, "prepare_data", sentinel)
+    monkeypatch.setattr(run_mod, "prepare_data", sentinel)
     res = _invoke(["train", "--resume", run, "--model", "aeflow", "--shape", "32", "32", "24", "-q"])
     assert res.exit_code == 2 and "data preparation reached" in res.output, res.output
 

@@ -13,11 +13,17 @@ from aeflow_cli.train import backbone_options, data_config, data_options
 
 __all__ = ["compare"]
 
-_DEFAULT_MODELS = "intensity,ae,vae,pchvae,vqvae,vqgan,flowonly,aeflow"
+
+def _default_models() -> str:
+    """The default of --models: the registry's built-in models in table order (imported only when needed)."""
+    from monai_aeflow.models import BUILTIN_MODELS
+
+    return ",".join(BUILTIN_MODELS)
 
 
 def _run(opts: dict[str, Any]) -> dict[str, Any]:
-    from monai_aeflow.compare import CompareConfig, parse_assignments, run_comparison
+    from monai_aeflow.compare import CompareConfig, run_comparison
+    from monai_aeflow.engines.run import parse_assignments
     from monai_aeflow.evaluation.postprocess import PostprocessConfig
     from monai_aeflow.fileio import to_jsonable
 
@@ -77,7 +83,10 @@ Examples:
 """,
 )
 @click.option(
-    "--models", default=_DEFAULT_MODELS, show_default=True, help="Comma-separated registered models, in table order."
+    "--models",
+    default=_default_models,
+    show_default="every built-in model, intensity first and aeflow last",
+    help="Comma-separated registered models, in table order.",
 )
 @data_options
 @click.option("--out", "output_dir", default="aeflow_compare", show_default=True, help="Output folder.")

@@ -107,8 +107,8 @@ def data_options(fn: Any) -> Any:
 
 
 def data_config(opts: dict[str, Any]) -> Any:
-    """Build a :class:`~monai_aeflow.compare.DataConfig` from the data options."""
-    from monai_aeflow.compare import DataConfig, SyntheticCohortConfig
+    """Build a :class:`~monai_aeflow.data.datalists.DataConfig` from the data options."""
+    from monai_aeflow.data.datalists import DataConfig, SyntheticCohortConfig
     from monai_aeflow.errors import AEFlowInputError
 
     if opts["synthetic"] and opts["data_dir"] is not None:
@@ -216,7 +216,7 @@ def _interrupted(output_dir: str) -> str:
 
 
 def _run(opts: dict[str, Any], given: dict[str, str]) -> dict[str, Any]:
-    from monai_aeflow.compare import parse_assignments, run_training
+    from monai_aeflow.engines.run import parse_assignments, run_training
     from monai_aeflow.fileio import to_jsonable
 
     resume = None
@@ -262,16 +262,28 @@ def _run(opts: dict[str, Any], given: dict[str, str]) -> dict[str, Any]:
     return summary
 
 
+class _RegistryHelpCommand(click.Command):
+    """A command whose help text names the registry's built-in models (``{models}``), imported only for --help."""
+
+    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        if self.help and "{models}" in self.help:
+            from monai_aeflow.models import BUILTIN_MODELS
+
+            self.help = self.help.replace("{models}", ", ".join(BUILTIN_MODELS))
+        super().format_help_text(ctx, formatter)
+
+
 @click.command(
     "train",
+    cls=_RegistryHelpCommand,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="""Train a registered model (AE-FLOW or a baseline) on healthy axial slices.
 
 The data are indexed (--data with --dataset) or generated (--synthetic), split by subject, preprocessed
 (RAS, percentile scaling in the brain, crop/pad to --spatial-size) and the healthy slices of the training
 subjects are used. The model file (model.pt: weights, architecture, preprocessing) goes to --out; with a
-validation split the model with the best validation slice AUROC is kept. Models: aeflow, ae, vae, pchvae,
-vqvae, vqgan, flowonly, intensity (nothing to train: saved as it is).
+validation split the model with the best validation slice AUROC is kept. Models: {models} (a model
+without trainable parameters is saved as it is).
 
 A checkpoint (checkpoint_epoch=N.pt) is written atomically at the end of every epoch. After Ctrl-C (exit
 code 130) or a crash, --resume RUN_DIR (or one of its checkpoints) continues the run with the options stored

@@ -1,4 +1,9 @@
-"""MONAI engines and the training workflow of AE-FLOW."""
+"""MONAI engines and the training workflow of every registered model (AE-FLOW and the baselines).
+
+:mod:`.trainer` holds the engines, :mod:`.handlers` the ignite handlers, :mod:`.workflow` the training loop
+(:func:`train`), :mod:`.run_folder` the run folder's files (model file, checkpoints, output checks) and
+:mod:`.run` the training of one model on prepared data (what ``aeflow-cli train`` runs).
+"""
 
 from monai_aeflow.engines.handlers import (
     BestMetricState,
@@ -10,7 +15,8 @@ from monai_aeflow.engines.handlers import (
     ResumableCheckpointSaver,
     ValidationStatsHandler,
 )
-from monai_aeflow.engines.trainer import AEFlowEvaluator, AEFlowTrainer, slice_labels
+from monai_aeflow.engines.run import parse_assignments, run_training, train_model
+from monai_aeflow.engines.trainer import AEFlowEvaluator, AEFlowTrainer, AnomalyEvaluator, AnomalyTrainer, slice_labels
 from monai_aeflow.engines.workflow import (
     TrainingConfig,
     check_output_dir,
@@ -28,6 +34,8 @@ from monai_aeflow.engines.workflow import (
 __all__ = [
     "AEFlowEvaluator",
     "AEFlowTrainer",
+    "AnomalyEvaluator",
+    "AnomalyTrainer",
     "BestMetricState",
     "ConfigState",
     "ImageGridHandler",
@@ -43,9 +51,12 @@ __all__ = [
     "create_engines",
     "find_checkpoint",
     "open_resume_checkpoint",
+    "parse_assignments",
     "previous_run_files",
     "read_training_checkpoint",
     "resolve_device",
+    "run_training",
     "slice_labels",
     "train",
+    "train_model",
 ]

@@ -1,4 +1,9 @@
-"""MONAI ``SupervisedTrainer`` / ``SupervisedEvaluator`` subclasses for AE-FLOW."""
+"""MONAI ``SupervisedTrainer`` / ``SupervisedEvaluator`` subclasses for every registered model.
+
+:class:`AEFlowTrainer` and :class:`AEFlowEvaluator` train and validate any model of :mod:`monai_aeflow.models`
+(AE-FLOW and the baselines); :data:`AnomalyTrainer` and :data:`AnomalyEvaluator` are model-neutral names of the
+same classes.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from torch.optim import Optimizer
 from monai_aeflow.losses import AEFlowLoss
 from monai_aeflow.models import get_model_spec, model_name_of
 
-__all__ = ["AEFlowTrainer", "AEFlowEvaluator", "slice_labels", "OUTPUT_KEYS"]
+__all__ = ["AEFlowTrainer", "AEFlowEvaluator", "AnomalyTrainer", "AnomalyEvaluator", "slice_labels", "OUTPUT_KEYS"]
 
 # keys of engine.state.output besides MONAI's image / label / pred / loss
 OUTPUT_KEYS = ("loss_flow", "loss_recon", "recon", "anomaly_map", "score_flow", "score_recon", "pixel_label")
@@ -251,3 +256,10 @@ class AEFlowEvaluator(_QuietInterrupt, SupervisedEvaluator):
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+AnomalyTrainer = AEFlowTrainer
+"""Model-neutral name of :class:`AEFlowTrainer` (the same class: it trains every registered model)."""
+
+AnomalyEvaluator = AEFlowEvaluator
+"""Model-neutral name of :class:`AEFlowEvaluator` (the same class: it validates every registered model)."""

@@ -21,10 +21,14 @@ time with :func:`register_model`::
 
 from __future__ import annotations
 
+import inspect
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
+from monai_aeflow.errors import AEFlowInputError
 from monai_aeflow.models import ae, aeflow, flow_only, intensity, pchvae, vae, vqvae
 from monai_aeflow.models.aeflow import aeflow_score
 from monai_aeflow.models.spec import LossFactory, ModelSpec, ScoreFn
@@ -38,12 +42,17 @@ __all__ = [
     "ModelSpec",
     "ScoreFn",
     "aeflow_score",
+    "build_model",
     "build_network",
+    "check_model_args",
+    "count_parameters",
     "get_model_spec",
     "model_name_of",
     "register_model",
     "trainable_parameters",
 ]
+
+logger = logging.getLogger("monai_aeflow.models")
 
 DEFAULT_MODEL = "aeflow"
 """The model used when none is named."""
@@ -146,3 +155,93 @@ def trainable_parameters(network: nn.Module) -> list[nn.Parameter]:
     if hasattr(net, "trainable_parameters"):
         return list(net.trainable_parameters())
     return [p for p in net.parameters() if p.requires_grad]
+
+
+def count_parameters(network: nn.Module) -> dict[str, int]:
+    """Parameter counts of a network.
+
+    Args:
+        network: the model.
+
+    Returns:
+        ``{"trainable": ..., "total": ...}`` (trainable: what the optimiser updates).
+    """
+    return {
+        "trainable": int(sum(p.numel() for p in trainable_parameters(network))),
+        "total": int(sum(p.numel() for p in network.parameters())),
+    }
+
+
+def check_model_args(name: str, overrides: Mapping[str, Any] | None) -> Any:
+    """The model's spec; raise when the name is unknown or the network takes no such arguments."""
+    try:
+        spec = get_model_spec(name)
+    except ValueError as err:
+        raise AEFlowInputError(str(err)) from None
+    params = inspect.signature(spec.network_cls).parameters
+    unknown = sorted(set(overrides or {}) - set(params))
+    if unknown:
+        raise AEFlowInputError(
+            f"model {spec.name!r} takes no argument(s) {', '.join(unknown)}; it takes {', '.join(sorted(params))}"
+        )
+    return spec
+
+
+def build_model(
+    name: str,
+    in_channels: int = 1,
+    image_size: Sequence[int] | None = None,
+    backbone: str = "resnet18",
+    backbone_weights: str | None = "auto",
+    overrides: Mapping[str, Any] | None = None,
+    say: Callable[[str], None] = logger.warning,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build a registered model for the data: channels, image size and backbone where the class takes them.
+
+    Args:
+        name: registry key.
+        in_channels: image channels.
+        image_size: (H, W) of the slices (for models with a fixed input size, e.g. the dense VAE).
+        backbone: ResNet of the AE-FLOW family.
+        backbone_weights: ``"auto"`` (ImageNet if it can be loaded, else random with a warning), ``"imagenet"``,
+            ``"none"`` / None (random) or a local state-dict path.
+        overrides: further network arguments (unknown ones are refused).
+        say: where the warning about random weights goes.
+
+    Returns:
+        The network and ``{"name", "hparams", "backbone_weights"}`` (what was used).
+
+    Raises:
+        AEFlowInputError: unknown model, an argument the network does not take, or invalid values.
+    """
+    spec = check_model_args(name, overrides)
+    params = inspect.signature(spec.network_cls).parameters
+    kwargs: dict[str, Any] = {}
+    if "in_channels" in params:
+        kwargs["in_channels"] = int(in_channels)
+    if "image_size" in params and image_size is not None:
+        kwargs["image_size"] = [int(s) for s in image_size]
+    if "backbone" in params:
+        kwargs["backbone"] = backbone
+    kwargs.update(overrides or {})
+    weights_used = None
+    if "backbone_weights" in params:
+        wanted = kwargs.pop("backbone_weights", backbone_weights)
+        wanted = None if wanted in (None, "none", "random") else wanted
+        if wanted == "auto":
+            try:
+                net = build_network(spec.name, backbone_weights="imagenet", **kwargs)
+                return net, {"name": spec.name, "hparams": dict(net.hparams), "backbone_weights": "imagenet"}
+            except AEFlowInputError as err:
+                reason = str(err).split(". ")[0].split(" (")[0]
+                say(f"warning: ImageNet weights unavailable ({reason}); {spec.name} uses a random encoder")
+                wanted = None
+        kwargs["backbone_weights"] = wanted
+        weights_used = "random" if wanted is None else str(wanted)
+    try:
+        net = build_network(spec.name, **kwargs)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, AEFlowInputError):
+            raise
+        raise AEFlowInputError(f"cannot build {spec.name!r}: {err}") from None
+    return net, {"name": spec.name, "hparams": dict(net.hparams), "backbone_weights": weights_used}

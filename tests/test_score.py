@@ -178,7 +178,7 @@ def test_outputs_are_not_overwritten_without_the_flag(lesion_case, tmp_path):
 
 
 def test_interrupted_write_leaves_no_partial_file(lesion_case, tmp_path, monkeypatch):
-    import monai_aeflow.inference.pipeline as pipeline
+    import monai_aeflow.inference.outputs as pipeline
 
     scorer = AnomalyScorer(lesion_case["model"], device="cpu")
     result = scorer.score(lesion_case["image"])

@@ -256,7 +256,7 @@ def test_output_folder_under_a_file_is_refused_before_the_model(small_volume_mod
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_read_only_output_folder_is_refused_before_the_model(small_volume_model, tmp_path, monkeypatch):
-    import monai_aeflow.inference.pipeline as pipeline
+    import monai_aeflow.inference.scorer as pipeline
 
     out = tmp_path / "ro"
     out.mkdir(mode=0o555)

@@ -1,16 +1,8 @@
 """Inference: batched slice scoring of volumes and images with a trained model, on the input's grid."""
 
-from monai_aeflow.inference.pipeline import (
-    AnomalyScorer,
-    ScoreResult,
-    expand_inputs,
-    output_name,
-    output_paths,
-    preprocessing_from_config,
-    resolve_model_path,
-    score_paths,
-    write_outputs,
-)
+from monai_aeflow.inference.batch import expand_inputs, score_paths
+from monai_aeflow.inference.outputs import output_name, output_paths, write_outputs
+from monai_aeflow.inference.scorer import AnomalyScorer, ScoreResult, preprocessing_from_config, resolve_model_path
 from monai_aeflow.inference.volume import (
     VolumeResult,
     default_batch_size,

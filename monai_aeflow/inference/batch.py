@@ -1,0 +1,225 @@
+"""Scoring many inputs: expanding the command-line inputs and :func:`score_paths` over a locked output folder."""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from monai_aeflow.data.io import IMAGE_2D_SUFFIXES, file_kind, is_dicom_series_dir
+from monai_aeflow.errors import AEFlowInputError
+from monai_aeflow.inference.outputs import (
+    lock_output_folder,
+    output_name,
+    output_paths,
+    output_state,
+    remove_leftovers,
+    write_outputs,
+)
+from monai_aeflow.inference.scorer import AnomalyScorer
+
+__all__ = ["expand_inputs", "score_paths"]
+
+
+def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand the command-line inputs: files, DICOM series folders, folders of them, and glob patterns.
+
+    A folder that is not itself a DICOM series contributes its supported files and DICOM sub-folders (one
+    level, sorted). A pattern with ``*``, ``?`` or ``[`` is expanded with :mod:`glob` (``**`` recursive).
+    Paths that do not exist are kept, so that scoring reports them as failed inputs.
+
+    Args:
+        paths: what the user gave.
+
+    Returns:
+        The inputs, in order, without duplicates.
+
+    Raises:
+        AEFlowInputError: a pattern or folder that matches nothing.
+    """
+    out: list[Path] = []
+    for raw in paths:
+        text = os.fspath(raw)
+        if any(c in text for c in "*?[") and not Path(text).exists():
+            matches = sorted(glob.glob(text, recursive=True))
+            if not matches:
+                raise AEFlowInputError("pattern matches no file", path=text)
+            out += [Path(m) for m in matches]
+            continue
+        p = Path(text)
+        if p.is_dir() and not is_dicom_series_dir(p):
+            found = []
+            for entry in sorted(p.iterdir()):
+                if entry.is_dir() and is_dicom_series_dir(entry):
+                    found.append(entry)
+                elif entry.is_file() and _supported(entry):
+                    found.append(entry)
+            if not found:
+                raise AEFlowInputError("folder holds no NIfTI, DICOM series, MetaImage, NRRD or 2D image", path=p)
+            out += found
+        else:
+            out.append(p)
+    seen: set[str] = set()
+    unique = []
+    for p in out:
+        key = os.path.abspath(p)
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
+def _supported(path: Path) -> bool:
+    try:
+        return file_kind(path) in ("nifti", "itk", "image2d")
+    except AEFlowInputError:
+        return False
+
+
+def score_paths(
+    scorer: AnomalyScorer,
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    preview: bool = True,
+    masks: Mapping[str, str | os.PathLike] | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    lock: bool = True,
+) -> list[dict[str, Any]]:
+    """Score many inputs, loading the next ones in background threads while the model runs.
+
+    A failing input (missing, corrupt, 4D, too large, irregular DICOM series, wrong channel count, existing
+    outputs without ``overwrite``) is recorded and the others still complete. The output folder is locked for
+    the whole call (:func:`lock_output_folder`), so that two runs cannot interleave their files; temporaries
+    of an interrupted run are removed, and outputs it left incomplete (see :func:`output_state`) are redone
+    without ``overwrite`` (the row's ``note`` says so).
+
+    Args:
+        scorer: the scorer.
+        inputs: input files / DICOM folders (see :func:`expand_inputs`).
+        out_dir: output folder.
+        overwrite: replace existing outputs.
+        preview: write PNG previews.
+        masks: optional brain mask per input (keyed by the input path as given).
+        workers: inputs loaded ahead in background threads (0: load in the main thread).
+        progress: show a progress bar.
+        lock: lock the output folder here; pass False when the caller already holds
+            :func:`lock_output_folder` for ``out_dir``.
+
+    Returns:
+        One dict per input: ``input``, ``name``, ``status`` (``"ok"`` or ``"error"``), ``error``,
+        ``volume_score``, ``max_slice_score``, ``lesion_voxels``, ``lesion_volume_ml``, ``seconds``,
+        ``model_seconds``, ``outputs`` and, when incomplete outputs were replaced, ``note``.
+
+    Raises:
+        AEFlowInputError: two inputs share an output name, or the output folder is not writable or in use.
+    """
+    masks = dict(masks or {})
+    names: dict[str, str] = {}
+    for p in inputs:
+        n = output_name(p)
+        if n in names:
+            raise AEFlowInputError(f"two inputs would write the same outputs '{n}' (also {names[n]})", path=p)
+        names[n] = str(p)
+    out_root = Path(out_dir)
+    folder_lock = lock_output_folder(out_root) if lock else None
+    try:
+        return _score_locked(scorer, inputs, out_root, names, overwrite, preview, masks, workers, progress)
+    finally:
+        if folder_lock is not None:
+            folder_lock.release()
+
+
+def _score_locked(
+    scorer: AnomalyScorer,
+    inputs: Sequence[str | os.PathLike],
+    out_root: Path,
+    names: Mapping[str, str],
+    overwrite: bool,
+    preview: bool,
+    masks: Mapping[str, str | os.PathLike],
+    workers: int,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    from tqdm.auto import tqdm
+
+    remove_leftovers(out_root, names)
+    incomplete: set[str] = set()
+
+    def check_outputs(path: str | os.PathLike) -> None:
+        kind = "image2d" if str(path).lower().endswith(IMAGE_2D_SUFFIXES) else "volume"
+        state = output_state(output_name(path), out_root, kind)
+        if state == "incomplete":
+            incomplete.add(output_name(path))
+        elif state == "complete" and not overwrite:
+            dest = next(p for p in output_paths(output_name(path), out_root, kind).values() if p.exists())
+            raise AEFlowInputError("output exists (use --overwrite to replace it)", path=dest)
+
+    def load(path: str | os.PathLike) -> tuple[dict[str, Any] | None, BaseException | None, float]:
+        start = time.perf_counter()
+        try:
+            check_outputs(path)
+            return scorer.preprocess(path, masks.get(str(path))), None, time.perf_counter() - start
+        except Exception as err:  # recorded per input; user errors are AEFlowInputError
+            return None, err, time.perf_counter() - start
+
+    rows: list[dict[str, Any]] = []
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
+    try:
+        pending: list[Future] = []
+        ahead = max(workers, 0) + 1
+        queue = list(inputs)
+        bar = tqdm(total=len(queue), desc="score", unit="input", disable=not progress)
+        next_i = 0
+
+        def submit() -> None:
+            nonlocal next_i
+            if pool is not None and next_i < len(queue):
+                pending.append(pool.submit(load, queue[next_i]))
+                next_i += 1
+
+        for _ in range(ahead):
+            submit()
+        for i, path in enumerate(queue):
+            if pool is not None:
+                data, err, load_s = pending.pop(0).result()
+                submit()
+            else:
+                data, err, load_s = load(path)
+            row: dict[str, Any] = {"input": str(path), "name": output_name(path), "status": "error", "error": None}
+            start = time.perf_counter()
+            if err is None:
+                try:
+                    result = scorer.score_preprocessed(data)
+                    written = write_outputs(result, out_root, overwrite=overwrite, preview=preview)
+                    s = result.scores
+                    row.update(
+                        status="ok",
+                        volume_score=s["volume_score"],
+                        max_slice_score=s["max_slice_score"],
+                        lesion_voxels=s["lesion_voxels"],
+                        lesion_volume_ml=s["lesion_volume_ml"],
+                        model_seconds=s["timing"]["model_seconds"],
+                        outputs={k: str(v) for k, v in written.items()},
+                    )
+                    if row["name"] in incomplete:
+                        row["note"] = "replaced the incomplete outputs of an interrupted run"
+                except Exception as exc:  # one bad input must not stop the others
+                    err = exc
+            if err is not None:
+                row["error"] = str(err) if isinstance(err, AEFlowInputError) else f"{type(err).__name__}: {err}"
+                row["user_error"] = isinstance(err, AEFlowInputError)
+            row["seconds"] = load_s + time.perf_counter() - start
+            rows.append(row)
+            bar.update(1)
+            bar.set_postfix_str(f"{i + 1 - sum(r['status'] == 'ok' for r in rows)} failed")
+        bar.close()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return rows

@@ -1,0 +1,491 @@
+"""Scoring one input with a trained model file: :class:`AnomalyScorer` and its :class:`ScoreResult`.
+
+:class:`AnomalyScorer` loads a model file (or a bundle folder), rebuilds the preprocessing stored in it,
+runs the 2D model over every brain slice of a volume in batches (:func:`~monai_aeflow.inference.score_slices`)
+and maps the anomaly map back through crop/pad, resampling and reorientation so that it overlays the input
+voxel for voxel.
+
+Before an input is loaded its header is checked against a voxel limit (a corrupt or hostile header cannot
+drive a huge allocation) and a DICOM series is checked for unreadable slice files and non-uniform slice
+spacing (MONAI's ITK reader would drop the slice and stack the rest at one spacing).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.transforms import Invertd
+
+from monai_aeflow.checkpoint import load_model
+from monai_aeflow.data.io import (
+    DEFAULT_MAX_VOXELS,
+    IrregularSeriesError,
+    check_dicom_series,
+    check_voxel_limit,
+    file_kind,
+    reraise_input_errors,
+)
+from monai_aeflow.data.transforms import build_image_preprocessing, build_volume_preprocessing
+from monai_aeflow.errors import AEFlowInputError, CheckpointError
+from monai_aeflow.evaluation.postprocess import PostprocessConfig, postprocess_map, segment
+from monai_aeflow.inference.outputs import _KINDS, _sha256, output_name
+from monai_aeflow.inference.volume import score_slices, score_volume
+
+__all__ = [
+    "AnomalyScorer",
+    "ScoreResult",
+    "preprocessing_from_config",
+    "resolve_model_path",
+]
+
+BUNDLE_MODEL_FILES = ("models/model.pt", "model.pt")
+VOLUME_SCORE_METHOD = "mean anomaly map over brain voxels (input grid)"
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """The model file behind a path: the file itself, or ``models/model.pt`` of a bundle folder.
+
+    Args:
+        model: a ``.pt`` model file or a bundle (or training output) folder.
+
+    Returns:
+        The model file.
+
+    Raises:
+        CheckpointError: nothing usable at that path.
+    """
+    path = Path(model)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for rel in BUNDLE_MODEL_FILES:
+            if (path / rel).is_file():
+                return path / rel
+        raise CheckpointError(
+            f"folder holds no trained model ({' or '.join(BUNDLE_MODEL_FILES)}); train the bundle first", path=path
+        )
+    raise CheckpointError("model file not found", path=path)
+
+
+def _kwargs_for(builder: Callable[..., Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    accepted = set(inspect.signature(builder).parameters) - {"image_key", "mask_key", "label_key"}
+    out = {k: v for k, v in config.items() if k in accepted}
+    if "percentiles" in out:
+        out["percentiles"] = tuple(out["percentiles"])
+    return out
+
+
+def preprocessing_from_config(config: Mapping[str, Any], kind: str = "volume") -> Callable[[dict], dict]:
+    """Rebuild the training preprocessing from the configuration stored in a model file.
+
+    Args:
+        config: the model file's ``config["preprocessing"]`` (keyword arguments of
+            :func:`~monai_aeflow.data.transforms.build_volume_preprocessing` or
+            :func:`~monai_aeflow.data.transforms.build_image_preprocessing`; other keys are ignored).
+        kind: ``"volume"`` (NIfTI, DICOM, MetaImage) or ``"image2d"`` (PNG, JPEG...).
+
+    Returns:
+        The invertible preprocessing pipeline (keys ``image``, ``mask``, ``label``).
+    """
+    if kind == "image2d":
+        return build_image_preprocessing(**_kwargs_for(build_image_preprocessing, config))
+    return build_volume_preprocessing(**_kwargs_for(build_volume_preprocessing, config))
+
+
+@dataclass
+class ScoreResult:
+    """What :meth:`AnomalyScorer.score` returns for one input.
+
+    Attributes:
+        source: the input file or folder.
+        name: output name (see :func:`output_name`).
+        kind: ``"volume"`` or ``"image2d"``.
+        anomaly_map: float32 map on the input's grid (the file's array shape, and for 2D images the
+            ``(width, height)`` order of MONAI's image reader), zero outside the brain mask.
+        lesion_mask: uint8 post-processed binary mask at the threshold, or None when no threshold is known.
+        brain_mask: uint8 brain mask on the input's grid.
+        affine: 4x4 voxel-to-world (RAS) matrix of the input.
+        scores: volume score, per-slice scores, threshold, lesion size, model identity (JSON-ready).
+        preview: preprocessed ``image``, ``reconstruction`` and ``anomaly_map`` (model grid) for the preview.
+        header: the NIfTI header of a NIfTI input (kept on the outputs), else None.
+    """
+
+    source: str
+    name: str
+    kind: str
+    anomaly_map: np.ndarray
+    lesion_mask: np.ndarray | None
+    brain_mask: np.ndarray
+    affine: np.ndarray
+    scores: dict[str, Any]
+    preview: dict[str, np.ndarray] = field(default_factory=dict)
+    header: Any = None
+
+
+def _finite_list(values: np.ndarray) -> list[float | None]:
+    return [float(v) if np.isfinite(v) else None for v in np.asarray(values, dtype=float)]
+
+
+class AnomalyScorer:
+    """Scores NIfTI / DICOM volumes and 2D images with a trained model file, on the input's grid.
+
+    The preprocessing (orientation, resampling, intensity scaling, crop/pad) is rebuilt from the model
+    file's stored configuration; the image score and map follow its ``score`` settings; the lesion mask
+    uses the threshold and post-processing stored by ``aeflow-cli evaluate --checkpoint MODEL`` unless a
+    threshold is given.
+
+    Args:
+        model: a model file or a bundle folder (``models/model.pt``).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        batch_size: slices per forward pass (``None``: 32 on CUDA, about 262k pixels per batch on CPU, see
+            :func:`~monai_aeflow.inference.default_batch_size`).
+        threshold: binarisation threshold of the post-processed map (default: the model's, if any).
+        amp: float16 autocast (default: on for CUDA).
+        min_brain_voxels: axial slices with fewer brain voxels than this are not scored (map 0, score null).
+        postprocessing: overrides of the stored post-processing (see
+            :class:`~monai_aeflow.evaluation.postprocess.PostprocessConfig`).
+        max_voxels: inputs whose header implies more voxels (times channels) are refused before loading
+            (``None``: no limit).
+        accept_irregular_series: score a DICOM series with unreadable slice files or non-uniform spacing as
+            MONAI's ITK reader loads it (readable slices stacked at one spacing) and record the problems in the
+            scores as ``irregular_series``; by default such a series is refused.
+
+    Raises:
+        CheckpointError: missing, unsafe or foreign model file.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        device: str | torch.device = "auto",
+        batch_size: int | None = None,
+        threshold: float | None = None,
+        amp: bool | None = None,
+        min_brain_voxels: int = 1,
+        postprocessing: Mapping[str, Any] | None = None,
+        max_voxels: int | None = DEFAULT_MAX_VOXELS,
+        accept_irregular_series: bool = False,
+    ) -> None:
+        from monai_aeflow.engines.workflow import resolve_device
+
+        if batch_size is not None and batch_size < 1:
+            raise AEFlowInputError(f"batch size must be at least 1, got {batch_size}")
+        if max_voxels is not None and max_voxels < 1:
+            raise AEFlowInputError(f"the voxel limit must be at least 1, got {max_voxels}")
+        self.max_voxels = None if max_voxels is None else int(max_voxels)
+        self.accept_irregular_series = bool(accept_irregular_series)
+        self.device = resolve_device(device)
+        self.model_path = resolve_model_path(model)
+        self.network, self.checkpoint = load_model(self.model_path, self.device)
+        self.network = self.network.to(memory_format=torch.channels_last)  # faster convolutions on CPU and CUDA
+        config = self.checkpoint["config"]
+        self.model_name = str(config.get("model_name", "aeflow"))
+        self.preprocessing_config = dict(config.get("preprocessing") or {})
+        score_cfg = dict(config.get("score") or {})
+        self.beta = float(score_cfg.get("beta", 0.9))
+        self.map_kind = str(score_cfg.get("map_kind", "residual"))
+        self.in_channels = int(config["model"].get("in_channels", 1))
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.amp = amp
+        self.min_brain_voxels = int(min_brain_voxels)
+        stored = self.checkpoint.get("threshold")
+        self.threshold = float(threshold) if threshold is not None else (None if stored is None else float(stored))
+        self.threshold_source = "given" if threshold is not None else ("model" if stored is not None else None)
+        protocol = dict(self.checkpoint.get("threshold_protocol") or {})
+        pp = {k: v for k, v in dict(protocol.get("postprocessing") or {}).items() if k in _PP_FIELDS}
+        pp.update(postprocessing or {})
+        self.postprocess_config = PostprocessConfig(**pp)
+        self._pipelines = {kind: preprocessing_from_config(self.preprocessing_config, kind) for kind in _KINDS}
+        self.identity = {
+            "model_file": str(self.model_path.resolve()),
+            "model_sha256": _sha256(self.model_path),
+            "model_name": self.model_name,
+            "network": dict(config["model"]),
+            "preprocessing": self.preprocessing_config,
+            "score": {"beta": self.beta, "map_kind": self.map_kind},
+            "format": self.checkpoint.get("format"),
+        }
+
+    # -- preprocessing -------------------------------------------------------------------------------------
+    def pipeline(self, kind: str) -> Callable[[dict], dict]:
+        """The preprocessing of one input kind (``"volume"`` or ``"image2d"``), built once per scorer."""
+        return self._pipelines[kind]
+
+    def preprocess(self, image: str | os.PathLike, mask: str | os.PathLike | None = None) -> dict[str, Any]:
+        """Load and preprocess one input (safe to call from worker threads).
+
+        Args:
+            image: a NIfTI / MetaImage / NRRD file, a DICOM series folder or a 2D image.
+            mask: an optional brain-mask file on the same grid.
+
+        Returns:
+            The preprocessed data dict (``image``, ``mask`` MetaTensors with their transform history) plus
+            ``kind`` and ``source``.
+
+        Raises:
+            AEFlowInputError: missing, unreadable, 4D, too thin, too large (header beyond ``max_voxels``) or
+                wrongly-shaped input (message names the file).
+            IrregularSeriesError: a DICOM series with unreadable slice files or non-uniform slice spacing,
+                unless ``accept_irregular_series``.
+        """
+        source_kind = file_kind(image)
+        kind = "image2d" if source_kind == "image2d" else "volume"
+        if mask is not None and not Path(mask).exists():
+            raise AEFlowInputError("brain mask not found", path=mask)
+        # header only: nothing is allocated for an image that is too large
+        check_voxel_limit(image, self.max_voxels)
+        if mask is not None:
+            check_voxel_limit(mask, self.max_voxels)
+        irregular = self._check_series(image) if source_kind == "dicom" else None
+        with reraise_input_errors():
+            data = self.pipeline(kind)(
+                {"image": str(image), "mask": None if mask is None else str(mask), "label": None}
+            )
+        shape = tuple(int(s) for s in data["image"].meta.get("spatial_shape", data["image"].shape[1:]))
+        if kind == "volume":
+            if len(shape) == 3 and (min(shape[:2]) < 3 or shape[2] == 2):
+                raise AEFlowInputError(
+                    f"is only {min(shape)} voxels thick (shape {shape}); expected a 3D volume of at least 3 slices "
+                    "or a single 2D slice",
+                    path=image,
+                )
+        channels = int(data["image"].shape[0])
+        if channels != self.in_channels:
+            raise AEFlowInputError(
+                f"has {channels} channel(s) but the model was trained on {self.in_channels} "
+                f"(modalities: {self.preprocessing_config.get('modalities', 'see the model configuration')})",
+                path=image,
+            )
+        data["kind"] = kind
+        data["source"] = str(image)
+        if irregular is not None:
+            irregular["slices_loaded"] = int(shape[-1])
+            data["irregular_series"] = irregular
+        return data
+
+    def _check_series(self, folder: str | os.PathLike) -> dict[str, Any] | None:
+        info = check_dicom_series(folder)
+        if not info.problems:
+            return None
+        listed = "; ".join(info.problems[:3]) + (
+            f"; and {len(info.problems) - 3} more" if len(info.problems) > 3 else ""
+        )
+        if not self.accept_irregular_series:
+            raise IrregularSeriesError(
+                f"irregular DICOM series: {listed} (use --accept-irregular-series to score it as loaded)", path=folder
+            )
+        return {
+            "problems": list(info.problems),
+            "action": "scored as loaded (accept_irregular_series): MONAI's ITK reader skipped unreadable slice "
+            "files and stacked the others at one spacing, so the map's slices may not line up with the series' "
+            "slice positions",
+            "slice_files": len(info.files),
+            "median_slice_spacing_mm": info.spacing,
+        }
+
+    # -- scoring -------------------------------------------------------------------------------------------
+    def score(self, image: str | os.PathLike, mask: str | os.PathLike | None = None) -> ScoreResult:
+        """Load, preprocess and score one input.
+
+        Args:
+            image: a NIfTI / MetaImage / NRRD file, a DICOM series folder or a 2D image.
+            mask: an optional brain-mask file on the same grid.
+
+        Returns:
+            A :class:`ScoreResult` on the input's grid.
+        """
+        return self.score_preprocessed(self.preprocess(image, mask))
+
+    def score_preprocessed(self, data: Mapping[str, Any]) -> ScoreResult:
+        """Score a data dict returned by :meth:`preprocess`.
+
+        Args:
+            data: the preprocessed input.
+
+        Returns:
+            A :class:`ScoreResult` on the input's grid.
+        """
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if data["kind"] == "image2d":
+            result = self._score_image(data, timings)
+        else:
+            result = self._score_volume(data, timings)
+        timings["postprocess_seconds"] = time.perf_counter() - t0 - timings["model_seconds"]
+        result.scores["timing"] = timings
+        return result
+
+    def _timed_model(self, run: Callable[[], Any], timings: dict[str, float]) -> Any:
+        start = time.perf_counter()
+        out = run()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        timings["model_seconds"] = time.perf_counter() - start
+        return out
+
+    def _score_volume(self, data: Mapping[str, Any], timings: dict[str, float]) -> ScoreResult:
+        image: MetaTensor = data["image"]
+        brain = data["mask"][0].numpy() > 0  # model grid (X, Y, Z)
+        z = brain.shape[-1]
+        area = brain.reshape(-1, z).sum(0)
+        keep = np.flatnonzero(area >= max(self.min_brain_voxels, 1))
+        if keep.size:
+            res = self._timed_model(
+                lambda: score_volume(
+                    self.network,
+                    image.as_subclass(torch.Tensor),
+                    slices=keep,
+                    batch_size=self.batch_size,
+                    beta=self.beta,
+                    map_kind=self.map_kind,
+                    amp=self.amp,
+                ),
+                timings,
+            )
+            amap, rec = res.anomaly_map, res.reconstruction
+            terms = {"score": res.slice_scores, "score_flow": res.score_flow, "score_recon": res.score_recon}
+        else:
+            timings["model_seconds"] = 0.0
+            amap, rec, terms = np.zeros(brain.shape, np.float32), np.zeros(brain.shape, np.float32), {}
+        per_slice = {
+            k: terms[k] if terms.get(k) is not None else np.full(z, np.nan, np.float32)
+            for k in ("score", "score_flow", "score_recon")
+        }
+        amap *= brain
+        # back to the input grid: undo crop/pad, resampling and reorientation
+        pipeline = self.pipeline("volume")
+        inv = {
+            "image": image,
+            "anomaly_map": MetaTensor(torch.from_numpy(amap[None]), meta=dict(image.meta)),
+            "brain": MetaTensor(torch.from_numpy(brain[None].astype(np.float32)), meta=dict(image.meta)),
+        }
+        inv["anomaly_map"].applied_operations = list(image.applied_operations)
+        inv["brain"].applied_operations = list(image.applied_operations)
+        with reraise_input_errors():
+            back = Invertd(keys=("anomaly_map", "brain"), transform=pipeline, orig_keys="image", nearest_interp=False)(
+                inv
+            )
+        map_in = np.ascontiguousarray(back["anomaly_map"][0].numpy().astype(np.float32))
+        brain_in = back["brain"][0].numpy() > 0.5
+        map_in[~brain_in] = 0.0
+        affine = np.asarray(back["anomaly_map"].affine, dtype=np.float64)
+        return self._finish(data, map_in, brain_in, affine, per_slice, keep, image, rec, amap)
+
+    def _score_image(self, data: Mapping[str, Any], timings: dict[str, float]) -> ScoreResult:
+        image: MetaTensor = data["image"]
+        brain = data["mask"][0].numpy() > 0
+        out = self._timed_model(
+            lambda: score_slices(
+                self.network,
+                image.as_subclass(torch.Tensor)[None],
+                self.batch_size,
+                self.beta,
+                self.map_kind,
+                amp=self.amp,
+            ),
+            timings,
+        )
+        amap = out["anomaly_map"][0, 0].numpy() * brain
+        shape = tuple(int(s) for s in image.meta.get("spatial_shape", image.shape[1:]))
+        map_in = F.interpolate(torch.from_numpy(amap)[None, None], size=shape, mode="bilinear", align_corners=False)
+        map_in = np.ascontiguousarray(map_in[0, 0].numpy().astype(np.float32))
+        brain_in = (
+            F.interpolate(torch.from_numpy(brain.astype(np.float32))[None, None], size=shape, mode="nearest")[0, 0]
+            .numpy()
+            .astype(bool)
+        )
+        per_slice = {k: out[k].numpy().astype(np.float32) for k in ("score", "score_flow", "score_recon") if k in out}
+        rec = out["reconstruction"].mean(1)[0].numpy()
+        return self._finish(
+            data,
+            map_in,
+            brain_in,
+            np.eye(4),
+            per_slice,
+            np.array([0]),
+            image[..., None],
+            rec[..., None],
+            amap[..., None],
+        )
+
+    def _finish(
+        self,
+        data: Mapping[str, Any],
+        map_in: np.ndarray,
+        brain_in: np.ndarray,
+        affine: np.ndarray,
+        per_slice: Mapping[str, np.ndarray],
+        keep: np.ndarray,
+        image: torch.Tensor,
+        rec: np.ndarray,
+        amap: np.ndarray,
+    ) -> ScoreResult:
+        source = str(data["source"])
+        lesion = None
+        lesion_voxels = None
+        if self.threshold is not None:
+            processed = postprocess_map(map_in, brain_in, self.postprocess_config)
+            lesion = segment(processed, self.threshold, self.postprocess_config).astype(np.uint8)
+            lesion_voxels = int(lesion.sum())
+        voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0 if data["kind"] == "volume" else None
+        slice_scores = np.asarray(per_slice["score"])
+        finite = slice_scores[np.isfinite(slice_scores)]
+        scores: dict[str, Any] = {
+            "input": source,
+            "kind": data["kind"],
+            "shape": list(map_in.shape),
+            "volume_score": float(map_in[brain_in].mean()) if brain_in.any() else 0.0,
+            "volume_score_method": VOLUME_SCORE_METHOD,
+            "max_slice_score": float(finite.max()) if finite.size else None,
+            "slice_scores": _finite_list(slice_scores),
+            "slice_scores_flow": _finite_list(per_slice["score_flow"]) if "score_flow" in per_slice else None,
+            "slice_scores_recon": _finite_list(per_slice["score_recon"]) if "score_recon" in per_slice else None,
+            "slice_axis": "last axis of the RAS-oriented (and resampled, if configured) input",
+            "scored_slices": int(len(keep)),
+            "threshold": self.threshold,
+            "threshold_source": self.threshold_source,
+            "postprocessing": self.postprocess_config.to_dict(),
+            "lesion_voxels": lesion_voxels,
+            "lesion_volume_ml": None if lesion_voxels is None or voxel_ml is None else lesion_voxels * voxel_ml,
+            "brain_voxels": int(brain_in.sum()),
+            "irregular_series": data.get("irregular_series"),
+            "model": self.identity,
+        }
+        header = None
+        if source.lower().endswith((".nii", ".nii.gz")):
+            try:
+                header = nib.load(source).header.copy()
+            except Exception:  # the map is still written with the affine
+                header = None
+        preview = {
+            "image": image.as_subclass(torch.Tensor)[0].numpy() if isinstance(image, torch.Tensor) else image,
+            "reconstruction": rec,
+            "anomaly_map": amap,
+            "slice_scores": slice_scores,
+        }
+        return ScoreResult(
+            source=source,
+            name=output_name(source),
+            kind=data["kind"],
+            anomaly_map=map_in,
+            lesion_mask=lesion,
+            brain_mask=brain_in.astype(np.uint8),
+            affine=affine,
+            scores=scores,
+            preview=preview,
+            header=header,
+        )
+
+
+_PP_FIELDS = set(inspect.signature(PostprocessConfig).parameters)

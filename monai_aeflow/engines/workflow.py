@@ -29,6 +29,7 @@ from monai.handlers import (
 )
 from torch.utils.tensorboard import SummaryWriter
 
+from monai_aeflow.device import resolve_device
 from monai_aeflow.engines.handlers import (
     BestMetricState,
     ConfigState,
@@ -66,16 +67,6 @@ __all__ = [
     "previous_run_files",
     "clear_previous_run",
 ]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AEFlowInputError("CUDA was requested but no CUDA device is available; use --device cpu")
-    return dev
 
 
 @dataclass

@@ -37,6 +37,7 @@ from monai_aeflow.data.io import (
     reraise_input_errors,
 )
 from monai_aeflow.data.transforms import build_image_preprocessing, build_volume_preprocessing
+from monai_aeflow.device import resolve_device
 from monai_aeflow.errors import AEFlowInputError, CheckpointError
 from monai_aeflow.evaluation.postprocess import PostprocessConfig, postprocess_map, segment
 from monai_aeflow.inference.outputs import _KINDS, _sha256, output_name
@@ -177,8 +178,6 @@ class AnomalyScorer:
         max_voxels: int | None = DEFAULT_MAX_VOXELS,
         accept_irregular_series: bool = False,
     ) -> None:
-        from monai_aeflow.engines.workflow import resolve_device
-
         if batch_size is not None and batch_size < 1:
             raise AEFlowInputError(f"batch size must be at least 1, got {batch_size}")
         if max_voxels is not None and max_voxels < 1:

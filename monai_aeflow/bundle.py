@@ -1,4 +1,4 @@
-"""Glue the MONAI bundles in ``bundles/`` need beyond the package's classes: data lists, an inference wrapper, helpers.
+"""Glue only the MONAI bundles in ``bundles/`` need: data lists, settings checks, an inference wrapper.
 
 The bundle configurations build the network, the transforms, the engines, the handlers, the scorer and the
 evaluation from the package through ``_target_`` references; this module holds the glue between them:
@@ -6,14 +6,20 @@ evaluation from the package through ``_target_`` references; this module holds t
 - :func:`prepare_brain_mri_datalist` / :func:`prepare_image_datalist`: generate a synthetic cohort when asked
   to (``generate_synthetic``) and ``dataset_dir`` does not exist yet, otherwise recognise the dataset (BraTS,
   IXI, ATLAS, a generic folder; chest X-ray / OCT class folders, ISIC), check its files
-  (:func:`check_data_files`) and return the subject-level ``train`` / ``val`` / ``test`` lists.
+  (:func:`~monai_aeflow.data.checks.check_data_files`) and return the subject-level ``train`` / ``val`` /
+  ``test`` lists.
 - :func:`check_bundle_settings`, :func:`check_dataset_dir`, :func:`install_error_hook`: the first steps of a
   bundle's ``initialize``: wrong settings, a missing ``dataset_dir`` and unreadable files stop a
   ``python -m monai.bundle run`` with one line (``Error: ...``) and exit code 2.
 - :class:`AnomalyMapNet`: one tensor in, the anomaly map out, for ``verify_net_in_out`` and ``ckpt_export``.
-- :func:`summary_writer`, :func:`loss_scalars`, :class:`MetricsWriter`, :class:`BatchRecorder`: TensorBoard
-  and metrics plumbing (file writers only on rank 0 of a distributed run).
-- :func:`write_scores_summary` and :func:`evaluate_volumes`: the inference and evaluation steps.
+- :func:`initialize_flow`: the flow's data initialisation before a distributed run wraps the network.
+
+Moved to their own modules (still importable from here): :func:`~monai_aeflow.data.isic.index_isic`,
+:func:`~monai_aeflow.data.synthetic.generate_synthetic_images`,
+:func:`~monai_aeflow.data.checks.check_data_files`, the TensorBoard and metrics plumbing of
+:mod:`monai_aeflow.engines.metrics` (:func:`summary_writer`, :func:`loss_scalars`, :class:`MetricsWriter`,
+:class:`BatchRecorder`, :func:`write_scores_summary`) and
+:func:`~monai_aeflow.evaluation.volumes.evaluate_volumes`.
 
 Example::
 
@@ -27,30 +33,36 @@ from __future__ import annotations
 import atexit
 import contextlib
 import csv
-import gzip
 import inspect
-import json
 import logging
 import math
 import os
 import sys
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
 from torch import nn
 
+from monai_aeflow.data.checks import check_data_files
 from monai_aeflow.data.indexers import index_dataset, index_image_folder_2d, make_record
-from monai_aeflow.data.io import IMAGE_2D_SUFFIXES, check_nifti_header, file_kind, find_input_error
+from monai_aeflow.data.io import find_input_error
+from monai_aeflow.data.isic import index_isic, is_isic_folder
 from monai_aeflow.data.splits import SPLIT_NAMES, read_split_csv, split_by_subject
-from monai_aeflow.data.synthetic import generate_cohort, make_slices
+from monai_aeflow.data.synthetic import SYNTHETIC_IMAGES_INDEX, generate_cohort, generate_synthetic_images
+from monai_aeflow.engines.distributed import rank as _rank  # noqa: F401  (the former private name)
+from monai_aeflow.engines.distributed import rank0_first as _rank0_first
+from monai_aeflow.engines.metrics import (
+    BatchRecorder,
+    MetricsWriter,
+    loss_scalars,
+    summary_writer,
+    write_scores_summary,
+)
 from monai_aeflow.errors import AEFlowInputError
-from monai_aeflow.fileio import atomic_write, atomic_write_json, atomic_write_text
+from monai_aeflow.evaluation.volumes import evaluate_volumes
 from monai_aeflow.models import build_network, get_model_spec, model_name_of
 
 __all__ = [
@@ -102,7 +114,7 @@ SYNTHETIC_IMAGE_DEFAULTS: dict[str, Any] = {
 """Synthetic 2D image folder of the 2D bundle (axial slices of synthetic brains as PNG files)."""
 
 _BRAIN_MARKER = "cohort.csv"  # written last by generate_cohort
-_IMAGE_MARKER = "synthetic_images.csv"  # written last by generate_synthetic_images
+_IMAGE_MARKER = SYNTHETIC_IMAGES_INDEX  # written last by generate_synthetic_images
 _SYNTHETIC_IMAGE_SUBJECT = r"^(synth-[hl]\d+)_"
 _BRAIN_KINDS = ("brats", "ixi", "atlas", "folder")
 _SPLIT_ALIASES = {
@@ -117,7 +129,7 @@ _SPLIT_ALIASES = {
 
 
 # ----------------------------------------------------------------------------------------------------------
-# synthetic data and distributed runs
+# dataset folders and synthetic data
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -237,92 +249,8 @@ def _ensure_dataset(
     _rank0_first(_make)
 
 
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _rank0_first(fn: Callable[[], Any]) -> None:
-    """Run ``fn`` on rank 0 while the other ranks of a distributed run wait (a plain call otherwise)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        fn()
-        return
-    try:
-        if dist.get_rank() == 0:
-            fn()
-    finally:
-        dist.barrier()
-
-
-def generate_synthetic_images(
-    out_dir: str | os.PathLike,
-    n_healthy: int = 8,
-    n_lesion: int = 6,
-    shape: Sequence[int] = (64, 64, 40),
-    spacing: Sequence[float] = (3.0, 3.0, 3.0),
-    seed: int = 0,
-    min_lesion_pixels: int = 12,
-    min_brain_fraction: float = 0.5,
-) -> list[dict[str, Any]]:
-    """Write a 2D image folder (``normal/`` and ``abnormal/`` PNG files) of synthetic axial brain slices.
-
-    Normal images are the slices of healthy synthetic subjects; abnormal images are the slices of lesioned
-    subjects that hold at least ``min_lesion_pixels`` lesion pixels. File names start with the subject id
-    (``synth-h000_z012.png``, ``synth-l003_z020.png``) so that splits keep the slices of a subject together.
-    ``synthetic_images.csv`` (file, subject, label) is written last.
-
-    Args:
-        out_dir: the folder to create.
-        n_healthy: healthy subjects.
-        n_lesion: lesioned subjects.
-        shape: volume grid of the synthetic subjects (the image size is ``shape[:2]``).
-        spacing: voxel size in mm.
-        seed: seed of the cohort.
-        min_lesion_pixels: lesion pixels an abnormal slice must hold.
-        min_brain_fraction: keep slices whose brain area is at least this fraction of the largest.
-
-    Returns:
-        One row per image: ``{"file", "subject_id", "label"}``.
-    """
-    from PIL import Image
-
-    root = Path(out_dir)
-    rows: list[dict[str, Any]] = []
-    for lesion, count, prefix, folder in ((False, n_healthy, "h", "normal"), (True, n_lesion, "l", "abnormal")):
-        if count <= 0:
-            continue
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        slices = make_slices(
-            int(count),
-            lesion=lesion,
-            seed=seed,
-            shape=tuple(shape),
-            spacing=tuple(spacing),
-            min_brain_fraction=min_brain_fraction,
-        )
-        lesion_pixels = slices["label"].reshape(slices["label"].shape[0], -1).sum(1)
-        for i in range(slices["image"].shape[0]):
-            if lesion and lesion_pixels[i] < min_lesion_pixels:
-                continue
-            subject = f"synth-{prefix}{int(slices['subject_index'][i]):03d}"
-            name = f"{subject}_z{int(slices['slice_index'][i]):03d}.png"
-            pixels = np.clip(np.rint(slices["image"][i, 0] * 255.0), 0, 255).astype(np.uint8)
-            atomic_write(root / folder / name, lambda tmp, p=pixels: Image.fromarray(p).save(tmp, format="PNG"))
-            rows.append({"file": f"{folder}/{name}", "subject_id": subject, "label": int(lesion)})
-
-    def _index(tmp: str) -> None:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["file", "subject_id", "label"])
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(root / _IMAGE_MARKER, _index)
-    return rows
-
-
 # ----------------------------------------------------------------------------------------------------------
-# checks: settings, data files, one-line errors
+# checks: settings, one-line errors
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -430,85 +358,6 @@ def check_bundle_settings(**settings: Any) -> None:
         raise AEFlowInputError(f"healthy_dataset_dir {healthy} is not an existing folder")
     if "dataset_dir" in settings:
         check_dataset_dir(str(settings["dataset_dir"]), settings.get("synthetic", False))
-
-
-def _gzip_size_ok(path: Path, expected: int) -> str | None:
-    """Compare the gzip trailer (uncompressed size mod 2**32) with ``expected``; decompress only on a mismatch."""
-    with open(path, "rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        if handle.tell() >= 4:
-            handle.seek(-4, os.SEEK_END)
-            if int.from_bytes(handle.read(4), "little") == expected % 2**32:
-                return None
-    # several gzip members (bgzip, pigz -i) have the last member's size in the trailer: count the bytes
-    size = 0
-    try:
-        with gzip.open(path, "rb") as stream:
-            while chunk := stream.read(1 << 20):
-                size += len(chunk)
-    except (OSError, EOFError, zlib.error) as exc:
-        return f"is truncated or corrupt ({type(exc).__name__}: {exc})"
-    if size < expected:
-        return f"is truncated: {size} bytes of header and voxels, the header needs {expected}"
-    return None
-
-
-def _check_nifti_file(path: Path) -> None:
-    check_nifti_header(path)
-    image = nib.load(str(path))
-    shape = image.header.get_data_shape()
-    expected = int(image.dataobj.offset) + int(np.prod(shape, dtype=np.int64)) * image.get_data_dtype().itemsize
-    if path.name.lower().endswith(".gz"):
-        problem = _gzip_size_ok(path, expected)
-    else:
-        size = path.stat().st_size
-        problem = f"is truncated: {size} bytes, the header needs {expected}" if size < expected else None
-    if problem:
-        raise AEFlowInputError(problem, path=path)
-
-
-def _check_image_file(path: Path) -> None:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            name = path.name.lower()
-            if name.endswith(".png"):
-                image.verify()  # chunk CRCs, without decoding
-                return
-            if name.endswith((".jpg", ".jpeg")):
-                with open(path, "rb") as handle:
-                    handle.seek(-2, os.SEEK_END)
-                    if handle.read(2) == b"\xff\xd9":  # the end-of-image marker: not truncated
-                        return
-            image.load()
-    except Exception as exc:  # Pillow raises several exception types for broken files
-        raise AEFlowInputError(f"not a readable image ({type(exc).__name__}: {exc})", path=path) from exc
-
-
-def check_data_files(records: Sequence[Mapping[str, Any]], keys: Sequence[str] = ("image", "mask", "label")) -> None:
-    """Check the files of a data list cheaply before a dataset loads them, in path order.
-
-    NIfTI files: the header must read and the file must hold the voxels the header announces (the size of an
-    uncompressed file; the gzip trailer of a compressed one, decompressing the file only when the trailer
-    disagrees). PNG files: chunk checksums; JPEG files: the end-of-image marker (otherwise a full decode);
-    other 2D images: a full decode. DICOM and ITK files: they must exist.
-
-    Args:
-        records: data-list records.
-        keys: the record keys that may hold file paths (other values, e.g. integer labels, are skipped).
-
-    Raises:
-        AEFlowInputError: the first unreadable, truncated or missing file, named in one line.
-    """
-    paths = sorted({str(r[k]) for r in records for k in keys if isinstance(r.get(k), (str, os.PathLike))})
-    for name in paths:
-        path = Path(name)
-        kind = file_kind(path)
-        if kind == "nifti":
-            _check_nifti_file(path)
-        elif kind == "image2d":
-            _check_image_file(path)
 
 
 def install_error_hook() -> None:
@@ -692,112 +541,10 @@ def _clean(record: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if v is not None or k == "mask"}
 
 
-def _csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        return list(reader.fieldnames or []), list(reader)
-
-
-_ISIC_IMAGE_COLUMNS = ("image", "image_id", "image_name", "isic_id")
-_ISIC_SUBJECT_COLUMNS = ("lesion_id", "patient_id")
-
-
-def _isic_tables(root: Path) -> list[tuple[Path, list[str], str]]:
-    tables = []
-    for path in sorted(root.rglob("*.csv")):
-        try:
-            columns, _ = _csv_rows(path)
-        except (OSError, UnicodeDecodeError, csv.Error):
-            continue
-        lowered = [c.lower() for c in columns]
-        image_col = next((columns[lowered.index(c)] for c in _ISIC_IMAGE_COLUMNS if c in lowered), None)
-        if image_col is not None:
-            tables.append((path, columns, image_col))
-    return tables
-
-
-def index_isic(
-    root: str | os.PathLike,
-    normal_classes: Sequence[str] = ("NV", "nevus", "benign"),
-    modality: str = "dermoscopy",
-) -> list[dict[str, Any]]:
-    """Index an ISIC skin-lesion release: image files plus a ground-truth CSV.
-
-    Recognised ground truths: one-hot class columns (ISIC 2018 / 2019 Task 3: ``image, MEL, NV, ...``; a
-    row is normal when a column named in ``normal_classes`` is 1; ISIC 2017: ``image_id, melanoma,
-    seborrheic_keratosis``, normal when all are 0), or a ``target`` / ``benign_malignant`` column (ISIC
-    2020). A ``lesion_id`` or ``patient_id`` column in any CSV of the folder (e.g. ``HAM10000_metadata.csv``)
-    gives the subject, so that images of one lesion stay in one split.
-
-    Args:
-        root: the release folder (images anywhere below it).
-        normal_classes: class columns (case-insensitive) of normal images.
-        modality: modality name stored in each record.
-
-    Returns:
-        One record per labelled image with an ``int`` ``"label"`` (0 normal, 1 abnormal) and ``"class_name"``.
-
-    Raises:
-        AEFlowInputError: no ground-truth CSV or no listed image found.
-    """
-    root_path = Path(root).expanduser()
-    if not root_path.is_dir():
-        raise AEFlowInputError("dataset folder not found", path=root_path)
-    images = {p.stem: p for p in root_path.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_2D_SUFFIXES)}
-    subjects: dict[str, str] = {}
-    truth: dict[str, tuple[int, str]] = {}
-    normal = {c.lower() for c in normal_classes}
-    for path, columns, image_col in _isic_tables(root_path):
-        _, rows = _csv_rows(path)
-        lowered = {c.lower(): c for c in columns}
-        subject_col = next((lowered[c] for c in _ISIC_SUBJECT_COLUMNS if c in lowered), None)
-        if subject_col is not None:
-            subjects.update({r[image_col]: r[subject_col] for r in rows if r.get(subject_col)})
-        if "target" in lowered or "benign_malignant" in lowered:
-            for r in rows:
-                if "target" in lowered and r.get(lowered["target"], "") != "":
-                    label = int(float(r[lowered["target"]]))
-                else:
-                    label = int(r[lowered["benign_malignant"]].lower() == "malignant")
-                truth[r[image_col]] = (label, "malignant" if label else "benign")
-            continue
-        class_cols = [c for c in columns if c not in (image_col, subject_col)]
-
-        def _is_one_hot(rows: list[dict[str, str]], cols: list[str]) -> bool:
-            try:
-                return all(float(r[c]) in (0.0, 1.0) for r in rows[:50] for c in cols)
-            except (TypeError, ValueError):
-                return False
-
-        if not class_cols or not rows or not _is_one_hot(rows, class_cols):
-            continue
-        normal_cols = [c for c in class_cols if c.lower() in normal]
-        for r in rows:
-            hot = [c for c in class_cols if float(r[c]) == 1.0]
-            label = int(not any(c in normal_cols for c in hot)) if normal_cols else int(bool(hot))
-            truth[r[image_col]] = (label, hot[0] if hot else "normal")
-    if not truth:
-        raise AEFlowInputError("no ISIC ground-truth CSV recognised (image column plus class columns)", path=root_path)
-    records, missing = [], 0
-    for image_id in sorted(truth):
-        path = images.get(image_id) or images.get(Path(image_id).stem)
-        if path is None:
-            missing += 1
-            continue
-        label, class_name = truth[image_id]
-        subject = subjects.get(image_id, image_id)
-        records.append(make_record(path, subject, modality, mask=None, label=label, class_name=class_name))
-    if missing:
-        logger.warning("%d images listed in the ISIC ground truth were not found under %s", missing, root_path)
-    if not records:
-        raise AEFlowInputError("none of the images listed in the ISIC ground truth was found", path=root_path)
-    return records
-
-
 def _detect_image_kind(root: Path) -> str:
     if (root / _IMAGE_MARKER).is_file():
         return "synthetic"
-    return "isic" if _isic_tables(root) else "images2d"
+    return "isic" if is_isic_folder(root) else "images2d"
 
 
 def prepare_image_datalist(
@@ -899,6 +646,11 @@ def prepare_image_datalist(
     return splits
 
 
+def masks_of(records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Brain mask of each record's image, keyed by the image path (for ``score_paths(masks=...)``)."""
+    return {str(r["image"]): str(r["mask"]) for r in records if r.get("mask") and isinstance(r["image"], str)}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # networks
 # ----------------------------------------------------------------------------------------------------------
@@ -992,286 +744,3 @@ def initialize_flow(network: nn.Module, dataset: Sequence[Mapping[str, Any]], n_
     x = torch.stack([torch.as_tensor(dataset[int(i)]["image"]).as_subclass(torch.Tensor).float() for i in idx])
     network.initialize_flow(x.to(device))
     return network
-
-
-# ----------------------------------------------------------------------------------------------------------
-# TensorBoard and metrics
-# ----------------------------------------------------------------------------------------------------------
-
-
-class _NullWriter:
-    """Stands in for a ``SummaryWriter`` on the ranks that write nothing."""
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        return lambda *args, **kwargs: None
-
-
-def summary_writer(log_dir: str | os.PathLike) -> Any:
-    """A TensorBoard ``SummaryWriter`` on rank 0 (or outside distributed runs), a no-op writer elsewhere.
-
-    Args:
-        log_dir: the event-file folder.
-
-    Returns:
-        The writer shared by the bundle's TensorBoard handlers.
-    """
-    if _rank() != 0:
-        return _NullWriter()
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(log_dir))
-
-
-def loss_scalars(output: Mapping[str, Any]) -> dict[str, float]:
-    """TensorBoard scalars of a training iteration: ``train/loss`` and every other ``loss_*`` term.
-
-    Args:
-        output: ``engine.state.output`` of :class:`~monai_aeflow.engines.AEFlowTrainer`.
-
-    Returns:
-        ``{"train/loss": ..., "train/loss_flow": ..., ...}``.
-    """
-    return {f"train/{k}": float(v) for k, v in output.items() if str(k).startswith("loss") and v is not None}
-
-
-def masks_of(records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """Brain mask of each record's image, keyed by the image path (for ``score_paths(masks=...)``)."""
-    return {str(r["image"]): str(r["mask"]) for r in records if r.get("mask") and isinstance(r["image"], str)}
-
-
-def _item_names(batch: Mapping[str, Any], n: int) -> list[str]:
-    if "slice_index" in batch and "subject_id" in batch:
-        return [f"{s}:{int(z)}" for s, z in zip(batch["subject_id"], batch["slice_index"], strict=True)]
-    meta = getattr(batch.get("image"), "meta", None) or {}
-    files = meta.get("filename_or_obj")
-    if isinstance(files, (list, tuple)) and len(files) == n:
-        return [Path(str(f)).name for f in files]
-    return [str(s) for s in batch.get("subject_id", [""] * n)]
-
-
-class MetricsWriter:
-    """Evaluator handler that writes the run's metrics to JSON and the per-image scores to CSV.
-
-    At the end of an evaluation it writes ``engine.state.metrics`` (e.g. MONAI's ``ROCAUC``, the pixel
-    AUROC of :class:`~monai_aeflow.engines.ValidationStatsHandler`) together with the AE-FLOW paper's
-    image-level metrics of the collected scores (AUROC, AUPRC, and F1, ACC, SEN, SPE at the best-F1
-    threshold, with bootstrap intervals resampling subjects: :func:`monai_aeflow.evaluation.classification_metrics`).
-
-    Args:
-        path: the JSON file (written atomically; an existing file is replaced).
-        scores_csv: optional CSV of ``name, subject_id, label, score`` per image.
-        n_bootstrap: bootstrap resamples of the intervals.
-        level: name of the unit scored (``"slice"``, ``"image"``), used as the JSON key.
-        extra: more JSON-ready entries to store (e.g. the model file).
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        scores_csv: str | os.PathLike | None = None,
-        n_bootstrap: int = 1000,
-        level: str = "image",
-        extra: Mapping[str, Any] | None = None,
-    ) -> None:
-        self.path = Path(path)
-        self.scores_csv = None if scores_csv is None else Path(scores_csv)
-        self.n_bootstrap = int(n_bootstrap)
-        self.level = level
-        self.extra = dict(extra or {})
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-
-    def _reset(self, engine: Engine) -> None:
-        self.scores: list[np.ndarray] = []
-        self.labels: list[np.ndarray] = []
-        self.subjects: list[str] = []
-        self.names: list[str] = []
-
-    def _update(self, engine: Engine) -> None:
-        out = engine.state.output
-        pred = out["pred"].detach().float().cpu().numpy().ravel()
-        batch = engine.state.batch if isinstance(engine.state.batch, Mapping) else {}
-        self.scores.append(pred)
-        self.labels.append(out["label"].detach().cpu().numpy().ravel())
-        self.subjects += [str(s) for s in batch.get("subject_id", [""] * pred.size)]
-        self.names += _item_names(batch, pred.size)
-
-    def _write(self, engine: Engine) -> None:
-        from monai_aeflow.evaluation import classification_metrics
-
-        scores = np.concatenate(self.scores) if self.scores else np.zeros(0)
-        labels = np.concatenate(self.labels) if self.labels else np.zeros(0)
-        groups = np.asarray(self.subjects) if len(self.subjects) == scores.size and scores.size else None
-        metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}
-        summary = {
-            "metrics": metrics,
-            self.level: classification_metrics(scores, labels > 0, groups=groups, n_bootstrap=self.n_bootstrap),
-            f"n_{self.level}s": int(scores.size),
-            f"n_abnormal_{self.level}s": int((labels > 0).sum()),
-            **self.extra,
-        }
-        atomic_write_json(self.path, summary)
-        if self.scores_csv is not None:
-            lines = ["name,subject_id,label,score"]
-            lines += [
-                f"{n},{s},{int(y)},{float(v):.8g}"
-                for n, s, y, v in zip(self.names, self.subjects, labels, scores, strict=False)
-            ]
-            atomic_write_text(self.scores_csv, "\n".join(lines) + "\n")
-        engine.state.summary = summary
-
-
-class BatchRecorder:
-    """Trainer handler that records chosen keys of every batch a rank trains on, one JSON file per rank.
-
-    Useful to audit what a (distributed) run saw: with ``keys=("volume_index", "slice_index")`` the slices of
-    each rank's shard.
-
-    Args:
-        path: file name; ``{rank}`` is replaced by the process rank (e.g. ``seen_rank{rank}.json``).
-        keys: batch keys to record (the values are turned into lists).
-    """
-
-    def __init__(self, path: str | os.PathLike, keys: Sequence[str] = ("volume_index", "slice_index")) -> None:
-        self.path = str(path)
-        self.keys = tuple(keys)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
-        engine.add_event_handler(Events.COMPLETED, self._write)
-
-    def _reset(self, engine: Engine) -> None:
-        self.seen: dict[str, list[Any]] = {k: [] for k in self.keys}
-        self.epochs: list[int] = []
-
-    def _update(self, engine: Engine) -> None:
-        batch = engine.state.batch
-        for key in self.keys:
-            value = batch[key]
-            self.seen[key] += value.tolist() if isinstance(value, torch.Tensor) else list(value)
-        self.epochs += [int(engine.state.epoch)] * len(batch[self.keys[0]])
-
-    def _write(self, engine: Engine) -> None:
-        dist = torch.distributed
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        atomic_write_json(
-            self.path.format(rank=_rank()), {"rank": _rank(), "world_size": world, "epoch": self.epochs, **self.seen}
-        )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# inference and evaluation steps
-# ----------------------------------------------------------------------------------------------------------
-
-
-def write_scores_summary(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, strict: bool = True) -> Path:
-    """Write the rows of :func:`monai_aeflow.inference.score_paths` to one JSON file.
-
-    Args:
-        rows: one dict per input (``input``, ``name``, ``status``, ``volume_score``, ``outputs``...).
-        path: the JSON file.
-        strict: raise when an input failed (after writing the file).
-
-    Returns:
-        The file written.
-
-    Raises:
-        RuntimeError: ``strict`` and at least one input failed (the message lists them).
-    """
-    ok = [r for r in rows if r.get("status") == "ok"]
-    written = atomic_write_json(path, {"n_inputs": len(rows), "n_ok": len(ok), "inputs": list(rows)})
-    failed = [f"{r.get('input')}: {r.get('error')}" for r in rows if r.get("status") != "ok"]
-    if strict and failed:
-        raise RuntimeError(f"{len(failed)} of {len(rows)} inputs failed: " + "; ".join(failed[:5]))
-    return written
-
-
-def _single_image(record: Mapping[str, Any]) -> str:
-    image = record["image"]
-    if isinstance(image, (list, tuple)):
-        if len(image) != 1:
-            raise AEFlowInputError(
-                "multi-channel records cannot be scored from files; stack the channels into one file",
-                path=image[0],
-            )
-        image = image[0]
-    return str(image)
-
-
-def _zero_label(map_path: Path, out: Path) -> Path:
-    ref = nib.load(str(map_path))
-    img = nib.Nifti1Image(np.zeros(ref.shape, np.uint8), ref.affine)
-    atomic_write(out, lambda tmp: nib.save(img, tmp))
-    return out
-
-
-def evaluate_volumes(
-    model: str | os.PathLike,
-    val_records: Sequence[Mapping[str, Any]],
-    test_records: Sequence[Mapping[str, Any]],
-    output_dir: str | os.PathLike,
-    device: str | torch.device = "auto",
-    batch_size: int = 32,
-    evaluation: Mapping[str, Any] | None = None,
-    metrics_file: str | os.PathLike | None = None,
-    plots: bool = True,
-) -> dict[str, Any]:
-    """The brain MRI protocol on whole volumes: score validation and test volumes, then evaluate the maps.
-
-    Every volume is scored on its own grid with :class:`monai_aeflow.inference.AnomalyScorer`; the maps and
-    brain masks go to ``<output_dir>/maps/<split>/``. :func:`monai_aeflow.evaluation.evaluate_maps` then
-    chooses the threshold on the validation split only and reports pixel Dice (per volume and pooled), pixel
-    AUROC / AUPRC over brain voxels, slice- and volume-level metrics and the oracle Dice;
-    :func:`~monai_aeflow.evaluation.write_report` writes them to ``<output_dir>/report/``. Healthy volumes
-    without a label file get an all-zero label.
-
-    Args:
-        model: a model file or bundle folder.
-        val_records: labelled validation volumes (``image``, ``label``, ``mask``).
-        test_records: test volumes.
-        output_dir: where maps and the report go.
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
-        batch_size: slices per forward pass.
-        evaluation: settings of :class:`~monai_aeflow.evaluation.EvaluationConfig` (``postprocess`` as a dict).
-        metrics_file: a JSON file to add the protocol's metrics to (key ``"volume_protocol"``).
-        plots: write the report's PNG plots.
-
-    Returns:
-        The JSON part of the result (:func:`~monai_aeflow.evaluation.result_to_json`).
-    """
-    from monai_aeflow.evaluation import EvaluationConfig, PostprocessConfig, evaluate_maps, result_to_json, write_report
-    from monai_aeflow.inference import AnomalyScorer, write_outputs
-
-    settings = dict(evaluation or {})
-    if isinstance(settings.get("postprocess"), Mapping):
-        settings["postprocess"] = PostprocessConfig(**settings["postprocess"])
-    config = EvaluationConfig(**settings)
-    scorer = AnomalyScorer(model, device=device, batch_size=batch_size)
-    out = Path(output_dir)
-    cases: dict[str, list[dict[str, Any]]] = {}
-    for split, records in (("val", val_records), ("test", test_records)):
-        folder = out / "maps" / split
-        cases[split] = []
-        for record in records:
-            result = scorer.score(_single_image(record), record.get("mask"))
-            written = write_outputs(result, folder, overwrite=True, preview=False)
-            mask_path = folder / f"{result.name}_brainmask.nii.gz"
-            mask_img = nib.Nifti1Image(result.brain_mask.astype(np.uint8), result.affine)
-            atomic_write(mask_path, lambda tmp, img=mask_img: nib.save(img, tmp))
-            label = record.get("label")
-            if label is None:
-                label = _zero_label(written["anomaly"], folder / f"{result.name}_zerolabel.nii.gz")
-            cases[split].append({"name": result.name, "map": written["anomaly"], "label": label, "mask": mask_path})
-    result = evaluate_maps(cases["val"], cases["test"], config)
-    write_report(result, out / "report", plots=plots)
-    summary = result_to_json(result)
-    if metrics_file is not None:
-        path = Path(metrics_file)
-        current = json.loads(path.read_text()) if path.is_file() else {}
-        current["volume_protocol"] = {"metrics": summary["metrics"], "protocol": summary.get("protocol")}
-        atomic_write_json(path, current)
-    return summary

@@ -250,7 +250,7 @@ def test_brain_multi_gpu_config_gives_each_rank_a_disjoint_shard(brain: dict[str
         json.dumps(
             {
                 "recorder": {
-                    "_target_": "monai_aeflow.bundle.BatchRecorder",
+                    "_target_": "monai_aeflow.engines.metrics.BatchRecorder",
                     "path": str(tmp_path / "seen{rank}.json"),
                 },
                 "run": ["$@recorder.attach(@train#trainer)", "$@train#trainer.run()"],

@@ -1,5 +1,6 @@
-"""Data: loading, preprocessing, dataset indexers, subject-level splits, slice sampling, synthetic brains."""
+"""Data: loading, preprocessing, indexers, data-file checks, subject-level splits, slice sampling, synthetic brains."""
 
+from monai_aeflow.data.checks import check_data_files
 from monai_aeflow.data.indexers import (
     INDEXERS,
     index_atlas,
@@ -10,6 +11,7 @@ from monai_aeflow.data.indexers import (
     index_ixi,
 )
 from monai_aeflow.data.io import LoadImageCheckedd, load_image, reraise_input_errors
+from monai_aeflow.data.isic import index_isic
 from monai_aeflow.data.slices import (
     DEFAULT_MIN_AREA_FRACTION,
     SliceDataset,
@@ -18,7 +20,14 @@ from monai_aeflow.data.slices import (
     select_slices,
 )
 from monai_aeflow.data.splits import check_disjoint_subjects, read_split_csv, split_by_subject, write_split_csv
-from monai_aeflow.data.synthetic import SyntheticSubject, extract_slices, generate_cohort, make_slices, make_subject
+from monai_aeflow.data.synthetic import (
+    SyntheticSubject,
+    extract_slices,
+    generate_cohort,
+    generate_synthetic_images,
+    make_slices,
+    make_subject,
+)
 from monai_aeflow.data.transforms import (
     BinarizeLabeld,
     BrainMaskd,
@@ -51,15 +60,18 @@ __all__ = [
     "SyntheticSubject",
     "build_image_preprocessing",
     "build_volume_preprocessing",
+    "check_data_files",
     "check_disjoint_subjects",
     "extract_slice",
     "extract_slices",
     "generate_cohort",
+    "generate_synthetic_images",
     "index_atlas",
     "index_brats",
     "index_dataset",
     "index_folder",
     "index_image_folder_2d",
+    "index_isic",
     "index_ixi",
     "load_image",
     "make_slice_dataset",

@@ -18,6 +18,9 @@ The anatomy is laid out in proportion to the field of view (it is scaled isotrop
 fills the in-plane field of view), so a smaller ``shape`` gives the same subject at a lower resolution.
 Sizes quoted in voxels (lesion radii of about 3 to 12 voxels) refer to the default geometry, a
 128 x 128 x 80 grid of 1.5 mm voxels.
+
+:func:`generate_synthetic_images` writes axial slices of such subjects as a 2D image folder of PNG files
+(``normal/``, ``abnormal/``), the synthetic data of the 2D bundle.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -44,6 +48,8 @@ __all__ = [
     "generate_cohort",
     "extract_slices",
     "make_slices",
+    "generate_synthetic_images",
+    "SYNTHETIC_IMAGES_INDEX",
 ]
 
 #: Codes of the ``tissue`` map of a :class:`SyntheticSubject`.
@@ -707,3 +713,73 @@ def make_slices(
         for i in range(int(n_subjects))
     ]
     return extract_slices(subjects, min_brain_fraction=min_fraction)
+
+
+SYNTHETIC_IMAGES_INDEX = "synthetic_images.csv"
+"""Index file of :func:`generate_synthetic_images` (written last: its presence marks a finished folder)."""
+
+
+def generate_synthetic_images(
+    out_dir: str | os.PathLike,
+    n_healthy: int = 8,
+    n_lesion: int = 6,
+    shape: Sequence[int] = (64, 64, 40),
+    spacing: Sequence[float] = (3.0, 3.0, 3.0),
+    seed: int = 0,
+    min_lesion_pixels: int = 12,
+    min_brain_fraction: float = 0.5,
+) -> list[dict[str, Any]]:
+    """Write a 2D image folder (``normal/`` and ``abnormal/`` PNG files) of synthetic axial brain slices.
+
+    Normal images are the slices of healthy synthetic subjects; abnormal images are the slices of lesioned
+    subjects that hold at least ``min_lesion_pixels`` lesion pixels. File names start with the subject id
+    (``synth-h000_z012.png``, ``synth-l003_z020.png``) so that splits keep the slices of a subject together.
+    ``synthetic_images.csv`` (file, subject, label) is written last.
+
+    Args:
+        out_dir: the folder to create.
+        n_healthy: healthy subjects.
+        n_lesion: lesioned subjects.
+        shape: volume grid of the synthetic subjects (the image size is ``shape[:2]``).
+        spacing: voxel size in mm.
+        seed: seed of the cohort.
+        min_lesion_pixels: lesion pixels an abnormal slice must hold.
+        min_brain_fraction: keep slices whose brain area is at least this fraction of the largest.
+
+    Returns:
+        One row per image: ``{"file", "subject_id", "label"}``.
+    """
+    from PIL import Image
+
+    root = Path(out_dir)
+    rows: list[dict[str, Any]] = []
+    for lesion, count, prefix, folder in ((False, n_healthy, "h", "normal"), (True, n_lesion, "l", "abnormal")):
+        if count <= 0:
+            continue
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        slices = make_slices(
+            int(count),
+            lesion=lesion,
+            seed=seed,
+            shape=tuple(shape),
+            spacing=tuple(spacing),
+            min_brain_fraction=min_brain_fraction,
+        )
+        lesion_pixels = slices["label"].reshape(slices["label"].shape[0], -1).sum(1)
+        for i in range(slices["image"].shape[0]):
+            if lesion and lesion_pixels[i] < min_lesion_pixels:
+                continue
+            subject = f"synth-{prefix}{int(slices['subject_index'][i]):03d}"
+            name = f"{subject}_z{int(slices['slice_index'][i]):03d}.png"
+            pixels = np.clip(np.rint(slices["image"][i, 0] * 255.0), 0, 255).astype(np.uint8)
+            atomic_write(root / folder / name, lambda tmp, p=pixels: Image.fromarray(p).save(tmp, format="PNG"))
+            rows.append({"file": f"{folder}/{name}", "subject_id": subject, "label": int(lesion)})
+
+    def _index(tmp: str) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["file", "subject_id", "label"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(root / SYNTHETIC_IMAGES_INDEX, _index)
+    return rows

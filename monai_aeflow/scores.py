@@ -20,6 +20,7 @@ __all__ = [
     "ssim_map",
     "flow_score",
     "recon_score",
+    "combined_score",
     "image_score",
     "residual_map",
     "flow_map",
@@ -111,6 +112,21 @@ def recon_score(x: torch.Tensor, x_rec: torch.Tensor, win_size: int = 11) -> tor
     return -ssim(x_rec, x, win_size=win_size)
 
 
+def combined_score(s_flow: torch.Tensor, s_recon: torch.Tensor, beta: float = 0.9) -> torch.Tensor:
+    """The AE-FLOW combination ``beta * S_flow + (1 - beta) * S_recon`` of the two score terms (the one place
+    it is written; :func:`image_score`, the AE-FLOW model's scorer and slice scoring call it).
+
+    Args:
+        s_flow: flow score per image (see :func:`flow_score`).
+        s_recon: reconstruction score per image (see :func:`recon_score`), same shape.
+        beta: weight of the flow score (0.9 in the paper).
+
+    Returns:
+        The image score, same shape; higher is more anomalous.
+    """
+    return beta * s_flow + (1.0 - beta) * s_recon
+
+
 def image_score(
     z_prime: torch.Tensor,
     x: torch.Tensor,
@@ -137,7 +153,7 @@ def image_score(
     if calibration is not None:
         s_flow = (s_flow - calibration["flow_mean"]) / max(calibration["flow_std"], 1e-12)
         s_recon = (s_recon - calibration["recon_mean"]) / max(calibration["recon_std"], 1e-12)
-    return beta * s_flow + (1.0 - beta) * s_recon
+    return combined_score(s_flow, s_recon, beta)
 
 
 def residual_map(x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:

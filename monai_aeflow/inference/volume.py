@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from monai_aeflow.models import get_model_spec, model_name_of
-from monai_aeflow.scores import recon_score
+from monai_aeflow.scores import combined_score, recon_score
 
 __all__ = ["VolumeResult", "default_batch_size", "pad_to_multiple", "score_slices", "score_volume"]
 
@@ -80,7 +79,6 @@ def score_slices(
     batch_size: int | None = 32,
     beta: float = 0.9,
     map_kind: str = "residual",
-    calibration: Mapping[str, float] | None = None,
     amp: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run a registered 2D model (AE-FLOW by default) on a stack of images in batches, without a per-image loop.
@@ -92,7 +90,6 @@ def score_slices(
         batch_size: images per forward pass (``None``: :func:`default_batch_size`).
         beta: weight of the flow score.
         map_kind: pixel map kind (``residual``, ``flow``, ``ssim``).
-        calibration: optional score calibration (see :func:`monai_aeflow.scores.image_score`).
         amp: autocast to float16 (default: on for CUDA).
 
     Returns:
@@ -119,15 +116,11 @@ def score_slices(
         if any(pad for pad in (left, right, top, bottom)) and "score_recon" in out:
             # the reconstruction term is computed on the unpadded image, as in training
             out["score_recon"] = recon_score(x[crop].float(), out["recon"][crop].float())
-            out["score"] = beta * out["score_flow"] + (1 - beta) * out["score_recon"]
+            out["score"] = combined_score(out["score_flow"], out["score_recon"], beta)
         for key, value in out.items():
             value = value.float()
             chunks.setdefault(key, []).append((value[crop] if value.ndim == 4 else value).cpu())
     out = {key: torch.cat(values) for key, values in chunks.items()}
-    if calibration is not None and "score_flow" in out:
-        f = (out["score_flow"] - calibration["flow_mean"]) / max(calibration["flow_std"], 1e-12)
-        r = (out["score_recon"] - calibration["recon_mean"]) / max(calibration["recon_std"], 1e-12)
-        out["score"] = beta * f + (1 - beta) * r
     out["reconstruction"] = out.pop("recon")
     return out
 
@@ -139,7 +132,6 @@ def score_volume(
     batch_size: int | None = 32,
     beta: float = 0.9,
     map_kind: str = "residual",
-    calibration: Mapping[str, float] | None = None,
     amp: bool | None = None,
 ) -> VolumeResult:
     """Score every (or the selected) axial slice of a preprocessed volume with a 2D AE-FLOW model.
@@ -151,7 +143,6 @@ def score_volume(
         batch_size: slices per forward pass (``None``: :func:`default_batch_size`).
         beta: weight of the flow score.
         map_kind: pixel map kind.
-        calibration: optional score calibration.
         amp: autocast on CUDA.
 
     Returns:
@@ -165,7 +156,7 @@ def score_volume(
     c, x, y, z = vol.shape
     idx = np.arange(z) if slices is None else np.asarray(slices, dtype=int)
     stack = vol[..., idx].permute(3, 0, 1, 2)  # (N, C, X, Y)
-    out: dict[str, Any] = score_slices(network, stack, batch_size, beta, map_kind, calibration, amp)
+    out: dict[str, Any] = score_slices(network, stack, batch_size, beta, map_kind, amp)
     amap = np.zeros((x, y, z), np.float32)
     rec = np.zeros((x, y, z), np.float32)
     per_slice = {}

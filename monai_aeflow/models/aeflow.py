@@ -15,7 +15,7 @@ from torch import nn
 from monai_aeflow.losses import AEFlowLoss
 from monai_aeflow.models.spec import ModelSpec
 from monai_aeflow.networks.aeflow import AEFlow
-from monai_aeflow.scores import anomaly_map, flow_score, recon_score
+from monai_aeflow.scores import anomaly_map, combined_score, flow_score, recon_score
 
 __all__ = ["SPEC", "aeflow_score", "make_loss"]
 
@@ -41,7 +41,7 @@ def aeflow_score(
     s_flow = flow_score(z_prime)
     s_recon = recon_score(x, x_rec)
     return {
-        "score": beta * s_flow + (1.0 - beta) * s_recon,
+        "score": combined_score(s_flow, s_recon, beta),
         "score_flow": s_flow,
         "score_recon": s_recon,
         "anomaly_map": anomaly_map(z_prime, x, x_rec, map_kind),

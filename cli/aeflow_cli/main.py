@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from aeflow_cli.common import run_guarded  # noqa: F401  (re-exported for sub-commands)
 from aeflow_cli.compare import compare
 from aeflow_cli.demo import demo
 from aeflow_cli.evaluate import evaluate

@@ -60,7 +60,8 @@ def _run(
     accept_irregular_series: bool,
 ) -> list[dict[str, Any]]:
     from monai_aeflow.errors import AEFlowInputError
-    from monai_aeflow.inference.pipeline import expand_inputs, lock_output_folder
+    from monai_aeflow.inference.batch import expand_inputs
+    from monai_aeflow.inference.outputs import lock_output_folder
 
     inputs = expand_inputs(paths)
     if mask is not None and len(inputs) != 1:
@@ -95,7 +96,9 @@ def _score_locked(
     accept_irregular_series: bool,
 ) -> list[dict[str, Any]]:
     from monai_aeflow.fileio import atomic_write_text
-    from monai_aeflow.inference.pipeline import AnomalyScorer, remove_leftovers, score_paths
+    from monai_aeflow.inference.batch import score_paths
+    from monai_aeflow.inference.outputs import remove_leftovers
+    from monai_aeflow.inference.scorer import AnomalyScorer
 
     scorer = AnomalyScorer(
         model,

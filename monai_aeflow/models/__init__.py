@@ -10,7 +10,10 @@ anomalous). The trainer, :func:`monai_aeflow.inference.score_slices`, the checkp
 One file per model, as in anomalib: :mod:`.aeflow`, :mod:`.ae`, :mod:`.vae`, :mod:`.pchvae`, :mod:`.vqvae`
 (VQ-VAE and VQ-GAN), :mod:`.flow_only` and :mod:`.intensity` each hold the model's loss, its score and pixel
 map and its ``SPEC``; shared helpers are in :mod:`.common` and the :class:`ModelSpec` record in :mod:`.spec`.
-The model files never import this module, so there is no import circle.
+The model files never import this module, so there is no import circle. :func:`build_model` builds a
+registered model for the data (channels, image size, backbone; ImageNet weights or a random encoder) and
+:func:`count_parameters` counts its parameters; they live here, not in a ``build.py`` of the package, because
+a file of the package must not import the registry.
 
 Adding a built-in model: its network in ``monai_aeflow/networks/<name>.py``, its loss, score and ``SPEC`` in
 ``monai_aeflow/models/<name>.py``, and one line in :data:`BUILTIN_SPECS`. A user's own model is added at run

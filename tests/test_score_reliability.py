@@ -170,7 +170,7 @@ def test_accept_irregular_series_scores_as_loaded_and_records_it(small_volume_mo
 
 
 def test_dicom_series_check_finds_no_problem_in_a_real_series(shared_data):
-    from monai_aeflow.data.io import check_dicom_series
+    from monai_aeflow.data.checks import check_dicom_series
 
     info = check_dicom_series(shared_data / "dicom_t1_series")
     assert info.problems == [] and info.shape[2] > 10
@@ -226,7 +226,7 @@ def test_header_shape_of_each_format(tmp_path):
     import itk
     from PIL import Image
 
-    from monai_aeflow.data.io import header_voxels
+    from monai_aeflow.data.checks import header_voxels
 
     arr = np.zeros((7, 9, 11), np.float32)  # itk arrays are (z, y, x)
     itk.imwrite(itk.image_from_array(arr), str(tmp_path / "a.nrrd"))

@@ -14,7 +14,7 @@ from aeflow_cli.common import run_guarded
 
 __all__ = ["score"]
 
-DEFAULT_MAX_VOXELS = 1024**3 // 2  # monai_aeflow.data.io.DEFAULT_MAX_VOXELS, not imported: keeps --help fast
+DEFAULT_MAX_VOXELS = 1024**3 // 2  # monai_aeflow.data.checks.DEFAULT_MAX_VOXELS, not imported: keeps --help fast
 _SUMMARY_COLUMNS = ("name", "status", "volume_score", "max_slice_score", "lesion_voxels", "lesion_volume_ml", "seconds")
 
 

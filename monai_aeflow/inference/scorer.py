@@ -28,14 +28,8 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 
 from monai_aeflow.checkpoint import load_model
-from monai_aeflow.data.io import (
-    DEFAULT_MAX_VOXELS,
-    IrregularSeriesError,
-    check_dicom_series,
-    check_voxel_limit,
-    file_kind,
-    reraise_input_errors,
-)
+from monai_aeflow.data.checks import DEFAULT_MAX_VOXELS, IrregularSeriesError, check_dicom_series, check_voxel_limit
+from monai_aeflow.data.io import file_kind, reraise_input_errors
 from monai_aeflow.data.transforms import build_image_preprocessing, build_volume_preprocessing
 from monai_aeflow.device import resolve_device
 from monai_aeflow.errors import AEFlowInputError, CheckpointError

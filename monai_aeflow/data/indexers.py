@@ -8,6 +8,9 @@ Some indexers add keys (``"site"`` for IXI, ``"session"`` for ATLAS, ``"split"``
 
 A folder in which an indexer recognises nothing, or a case that lacks the requested modality,
 raises :class:`monai_aeflow.errors.AEFlowInputError`: a dataset is never half-built silently.
+
+:func:`make_record` lives in :mod:`monai_aeflow.data.records` and :func:`index_image_folder_2d` in
+:mod:`monai_aeflow.data.image_folder_2d`; both stay importable from here.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from monai_aeflow.data.io import IMAGE_2D_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES, is_dicom_series_dir
+from monai_aeflow.data.image_folder_2d import index_image_folder_2d
+from monai_aeflow.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, is_dicom_series_dir
+from monai_aeflow.data.records import _check_root, make_record
 from monai_aeflow.errors import AEFlowInputError
 
 __all__ = [
@@ -68,51 +73,6 @@ _IXI = re.compile(
 _ATLAS_IMAGE = re.compile(
     r"^(?P<stem>(?P<subject>sub-[A-Za-z0-9]+)(?:_ses-(?P<session>[A-Za-z0-9]+))?.*?)_T1w\.nii(\.gz)?$"
 )
-
-
-def make_record(
-    image: str | os.PathLike | Sequence[str | os.PathLike],
-    subject_id: str,
-    modality: str,
-    mask: str | os.PathLike | None = None,
-    label: str | os.PathLike | int | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """Build one data dict with the standard keys.
-
-    Args:
-        image: image path, or a list of paths (one per channel).
-        subject_id: subject identifier; splits never put one subject in two sets.
-        modality: modality name (e.g. ``"flair"``, ``"t1"``, ``"xray"``).
-        mask: brain mask path, or ``None``.
-        label: lesion label path, an integer image-level label, or ``None``.
-        extra: further keys (site, session, ...).
-
-    Returns:
-        the data dict, with paths as strings.
-    """
-
-    def _str(value: Any) -> Any:
-        return str(value) if isinstance(value, os.PathLike) else value
-
-    image_value = [str(p) for p in image] if isinstance(image, (list, tuple)) else str(image)
-    return {
-        "image": image_value,
-        "mask": _str(mask),
-        "label": _str(label),
-        "subject_id": str(subject_id),
-        "modality": modality,
-        **extra,
-    }
-
-
-def _check_root(root: str | os.PathLike) -> Path:
-    path = Path(root).expanduser()
-    if not path.exists():
-        raise AEFlowInputError("dataset folder not found", path=path)
-    if not path.is_dir():
-        raise AEFlowInputError("is not a folder", path=path)
-    return path
 
 
 def _modalities(modality: str | Sequence[str]) -> list[str]:
@@ -408,79 +368,6 @@ def index_folder(
     masks = _match_by_name(images, Path(masks_dir) if masks_dir is not None else None, "brain mask", strict)
     labels = _match_by_name(images, Path(labels_dir) if labels_dir is not None else None, "label", strict)
     return [make_record(p, _stem(p), modality, mask=masks[p], label=labels[p]) for p in images]
-
-
-_NORMAL_NAMES = ("normal", "good", "healthy", "negative", "no_finding", "nofinding")
-_SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "test", "testing")
-
-
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_2D_SUFFIXES))
-
-
-def index_image_folder_2d(
-    root: str | os.PathLike,
-    modality: str = "image",
-    normal_classes: Sequence[str] = _NORMAL_NAMES,
-    subject_pattern: str | None = None,
-) -> list[dict[str, Any]]:
-    """Index a folder of 2D images in the layout of the chest X-ray and OCT releases.
-
-    Two layouts are recognised: ``<root>/<split>/<CLASS>/*.jpeg`` with split ``train``, ``val`` or
-    ``test`` and classes such as ``NORMAL``, ``PNEUMONIA`` (OCT: ``NORMAL``, ``CNV``, ``DME``,
-    ``DRUSEN``), and ``<root>/<class>/*.png`` with classes such as ``normal`` and ``abnormal``.
-    Images of a normal class get label 0, all others label 1.
-
-    Args:
-        root: dataset folder.
-        modality: modality name stored in each record (e.g. ``"xray"``, ``"oct"``).
-        normal_classes: class folder names (case-insensitive) holding normal images.
-        subject_pattern: regular expression whose first group, searched in the file name, is the
-            subject (patient) id, e.g. ``r"(person\\d+)"`` for the pneumonia release; default: the file
-            name without extension.
-
-    Returns:
-        one record per image with an ``int`` ``"label"``, ``"mask"`` ``None``, ``"class_name"`` and
-        ``"split"`` (``None`` in the class-only layout).
-
-    Raises:
-        AEFlowInputError: when no class folder with images is found, or all images are of one kind
-            and no class folder is normal.
-    """
-    root_path = _check_root(root)
-    normal = {n.lower() for n in normal_classes}
-    pattern = re.compile(subject_pattern) if subject_pattern else None
-    groups: list[tuple[str | None, Path]] = []
-    for child in sorted(p for p in root_path.iterdir() if p.is_dir()):
-        if child.name.lower() in _SPLIT_NAMES:
-            groups += [(child.name, c) for c in sorted(p for p in child.iterdir() if p.is_dir())]
-        else:
-            groups.append((None, child))
-    records = []
-    for split, class_dir in groups:
-        for image in _images_in(class_dir):
-            subject = image.stem
-            if pattern is not None:
-                match = pattern.search(image.name)
-                if match is None:
-                    raise AEFlowInputError(f"subject pattern {subject_pattern!r} does not match", path=image)
-                subject = match.group(1) if match.groups() else match.group(0)
-            label = 0 if class_dir.name.lower() in normal else 1
-            records.append(
-                make_record(image, subject, modality, mask=None, label=label, class_name=class_dir.name, split=split)
-            )
-    if not records:
-        raise AEFlowInputError(
-            "no 2D image recognised (expected <split>/<CLASS>/*.jpeg or normal/ and abnormal/ folders of "
-            f"{', '.join(IMAGE_2D_SUFFIXES)} files)",
-            path=root_path,
-        )
-    if not any(r["label"] == 0 for r in records):
-        classes = sorted({r["class_name"] for r in records})
-        raise AEFlowInputError(
-            f"no normal class among the folders {classes}; name it 'normal' or pass normal_classes", path=root_path
-        )
-    return records
 
 
 INDEXERS: dict[str, Callable[..., list[dict[str, Any]]]] = {

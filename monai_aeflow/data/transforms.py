@@ -31,11 +31,11 @@ from monai.transforms import (
     Crop,
     InvertibleTransform,
     MapTransform,
-    Resize,
-    Spacing,
+    Resized,
+    Spacingd,
     SpatialPad,
 )
-from monai.utils import convert_to_dst_type
+from monai.utils import convert_to_dst_type, ensure_tuple
 from scipy import ndimage
 
 from monai_aeflow.data.io import LoadImageCheckedd, check_same_spatial_shape, reraise_input_errors, source_name
@@ -236,8 +236,40 @@ class ScaleIntensityInMaskd(MapTransform):
         return d
 
 
-class ResampleToSpacingd(MapTransform, InvertibleTransform):
-    """Resample the image (trilinear) and its mask and label (nearest) to a voxel spacing.
+class _MonaiMasksd:
+    """Mixin for a MONAI dictionary transform whose ``image_key`` is interpolated and other keys are masks.
+
+    Values that :meth:`_applies` rejects (``None``: no label file) pass through untouched, and the mask keys
+    keep their dtype (MONAI returns float32). Place it before the MONAI class in the bases.
+    """
+
+    image_key: str
+
+    def _applies(self, value: Any) -> bool:
+        return value is not None
+
+    def key_iterator(self, data: Mapping[Hashable, Any], *extra_iterables: Any) -> Iterator[Any]:
+        for item in super().key_iterator(data, *extra_iterables):  # type: ignore[misc]
+            if self._applies(data[item[0] if extra_iterables else item]):
+                yield item
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        dtypes = {key: data[key].dtype for key in self.key_iterator(data) if key != self.image_key}
+        d = super().__call__(data, lazy=lazy)  # type: ignore[misc]
+        for key, dtype in dtypes.items():
+            d[key] = d[key].to(dtype)
+        return d
+
+
+def _modes(keys: KeysCollection, image_key: str, image: Any, other: Any) -> tuple[Any, ...]:
+    """One value per key: ``image`` for ``image_key``, ``other`` for the masks."""
+    return tuple(image if key == image_key else other for key in ensure_tuple(keys))
+
+
+class ResampleToSpacingd(_MonaiMasksd, Spacingd):
+    """MONAI ``Spacingd`` resampling the image (trilinear) and its mask and label (nearest) to a voxel spacing.
+
+    Unlike plain ``Spacingd``, ``None`` values pass through and masks keep their dtype. Invertible.
 
     Args:
         keys: keys to resample.
@@ -253,28 +285,9 @@ class ResampleToSpacingd(MapTransform, InvertibleTransform):
         image_key: str = "image",
         allow_missing_keys: bool = True,
     ) -> None:
-        super().__init__(keys, allow_missing_keys)
+        modes = _modes(keys, image_key, "bilinear", "nearest")
+        super().__init__(keys, pixdim, mode=modes, padding_mode="zeros", allow_missing_keys=allow_missing_keys)
         self.image_key = image_key
-        self.linear = Spacing(pixdim=pixdim, mode="bilinear", padding_mode="zeros")
-        self.nearest = Spacing(pixdim=pixdim, mode="nearest", padding_mode="zeros")
-
-    def _resampler(self, key: Hashable) -> Spacing:
-        return self.linear if key == self.image_key else self.nearest
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in _present(self, d):
-            value = d[key]
-            dtype = value.dtype
-            out = self._resampler(key)(value.float() if key != self.image_key else value)
-            d[key] = out.to(dtype) if key != self.image_key else out
-        return d
-
-    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in _present(self, d):
-            d[key] = self._resampler(key).inverse(d[key])
-        return d
 
 
 class CurvatureFlowd(MapTransform):
@@ -407,11 +420,15 @@ class CropOrPadInPlaned(MapTransform, InvertibleTransform):
         return d
 
 
-class ResizeImaged(MapTransform):
-    """Resize 2D images (and their masks) to a fixed size, as for chest X-ray and OCT releases.
+class ResizeImaged(_MonaiMasksd, Resized):
+    """MONAI ``Resized`` for 2D images (and their masks) to a fixed size, as for chest X-ray and OCT releases.
+
+    The image is resized with anti-aliased bilinear interpolation and clamped to [0, 1], other keys with
+    nearest neighbour keeping their dtype; values that are not tensors (an integer image-level label, ``None``)
+    pass through. Invertible.
 
     Args:
-        keys: keys to resize; the image uses area/bilinear interpolation, others nearest.
+        keys: keys to resize.
         spatial_size: output size, each a multiple of 16.
         image_key: the key resized with interpolation.
         allow_missing_keys: do not raise when a key is absent.
@@ -424,24 +441,20 @@ class ResizeImaged(MapTransform):
         image_key: str = "image",
         allow_missing_keys: bool = True,
     ) -> None:
-        super().__init__(keys, allow_missing_keys)
         size = (int(spatial_size),) * 2 if isinstance(spatial_size, int) else tuple(int(s) for s in spatial_size)
         if len(size) != 2 or any(s <= 0 or s % 16 for s in size):
             raise AEFlowInputError(f"image size must be two positive multiples of 16, got {spatial_size}")
+        modes, anti_aliasing = _modes(keys, image_key, "bilinear", "nearest"), _modes(keys, image_key, True, False)
+        super().__init__(keys, size, mode=modes, anti_aliasing=anti_aliasing, allow_missing_keys=allow_missing_keys)
         self.image_key = image_key
-        self.linear = Resize(size, mode="bilinear", anti_aliasing=True)
-        self.nearest = Resize(size, mode="nearest")
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in _present(self, d):
-            value = d[key]
-            if not isinstance(value, torch.Tensor):
-                continue  # e.g. an integer image-level label
-            if key == self.image_key:
-                d[key] = self.linear(value).clamp_(0.0, 1.0)
-            else:
-                d[key] = self.nearest(value.float()).to(value.dtype)
+    def _applies(self, value: Any) -> bool:
+        return isinstance(value, torch.Tensor)
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        d = super().__call__(data, lazy=lazy)
+        if self.image_key in self.keys and isinstance(d.get(self.image_key), torch.Tensor):
+            d[self.image_key] = d[self.image_key].clamp_(0.0, 1.0)
         return d
 
 

@@ -3,7 +3,8 @@
 :func:`evaluate_maps` takes validation and test cases (NIfTI paths or arrays of anomaly maps, labels and brain
 masks), runs the brain MRI protocol of the project and returns every metric with the protocol that produced
 it. The threshold comes from the validation split only; the best threshold on the test split is reported
-separately as an oracle upper bound.
+separately as an oracle upper bound. The metrics, curves and figure cases of a split are computed in
+:mod:`monai_aeflow.evaluation.split_metrics`; this module runs the protocol and assembles the result.
 
 Example::
 
@@ -23,17 +24,18 @@ import numpy as np
 from monai_aeflow.errors import AEFlowInputError
 from monai_aeflow.evaluation.cases import PreparedCase, prepare_case
 from monai_aeflow.evaluation.io import load_case
-from monai_aeflow.evaluation.metrics import (
-    auroc_from_counts,
-    average_precision_from_counts,
-    bootstrap_ci,
-    classification_metrics,
-    curve_counts,
-    dice_from_counts,
-    roc_points,
-)
+from monai_aeflow.evaluation.metrics import classification_metrics, dice_from_counts, roc_points
 from monai_aeflow.evaluation.postprocess import PostprocessConfig
-from monai_aeflow.evaluation.sweep import SweepCounts, sweep_counts, threshold_grid
+from monai_aeflow.evaluation.split_metrics import (
+    _classification_curves,
+    _dice_curves,
+    _dice_metrics,
+    _figure_cases,
+    _metric,
+    _pixel_metrics,
+    _split_sweep,
+    _thin,
+)
 from monai_aeflow.evaluation.thresholds import greedy_threshold_search, pooled_dice_objective, threshold_at_fpr
 
 __all__ = [
@@ -225,126 +227,6 @@ def select_threshold(
         "validation_dice_pooled": float(dice_from_counts(*counts)),
         "validation_cases": names,
     }
-
-
-def _metric(value: float, low: float = float("nan"), high: float = float("nan")) -> dict[str, float]:
-    return {"value": float(value), "ci_low": float(low), "ci_high": float(high)}
-
-
-def _split_sweep(cases: Sequence[PreparedCase], n_thresholds: int, seed: int) -> tuple[SweepCounts, SweepCounts]:
-    """Sweeps over brain voxels and over all stored voxels, on the split's own grid."""
-    grid = threshold_grid([c.scores for c in cases], n_thresholds, seed=seed)
-    brain = sweep_counts([c.brain_scores() for c in cases], [c.brain_labels() for c in cases], grid)
-    extra = sweep_counts([c.scores[c.n_brain :] for c in cases], [c.labels[c.n_brain :] for c in cases], grid)
-    return brain, brain + extra
-
-
-def _dice_curves(support: SweepCounts, lesion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    pooled = dice_from_counts(support.tp.sum(0), support.fp.sum(0), support.fn.sum(0))
-    if lesion.any():
-        per_volume = dice_from_counts(support.tp[lesion], support.fp[lesion], support.fn[lesion])
-        mean = np.nanmean(per_volume, axis=0)
-    else:
-        mean = np.full(pooled.shape, np.nan)
-    return pooled, mean
-
-
-def _pixel_metrics(brain: SweepCounts, config: EvaluationConfig) -> dict[str, dict[str, float]]:
-    # Decreasing thresholds: reverse the grid axis.
-    tp, fp = brain.tp[:, ::-1], brain.fp[:, ::-1]
-
-    def stat(idx: np.ndarray) -> np.ndarray:
-        w = np.bincount(idx, minlength=tp.shape[0]).astype(np.float64)
-        ptp, pfp = w @ tp, w @ fp
-        n_pos, n_neg = w @ brain.n_pos, w @ brain.n_neg
-        if n_pos == 0 or n_neg == 0:
-            return np.array([np.nan, np.nan])
-        return np.array(
-            [auroc_from_counts(ptp, pfp, n_pos, n_neg), average_precision_from_counts(ptp, pfp, n_pos, n_neg)]
-        )
-
-    point = stat(np.arange(tp.shape[0]))
-    low, high = bootstrap_ci(stat, tp.shape[0], config.n_bootstrap, config.confidence, config.seed)
-    return {"auroc": _metric(point[0], low[0], high[0]), "auprc": _metric(point[1], low[1], high[1])}
-
-
-def _dice_metrics(counts: np.ndarray, config: EvaluationConfig) -> dict[str, dict[str, float]]:
-    """Pooled Dice (DICE_T) and mean / std of per-volume Dice (DICE_S) over volumes with lesions."""
-    per = dice_from_counts(counts[:, 0], counts[:, 1], counts[:, 2])
-    lesion = counts[:, 0] + counts[:, 2] > 0
-
-    def stat(idx: np.ndarray) -> np.ndarray:
-        c = counts[idx].sum(0)
-        sel = idx[lesion[idx]]
-        mean = float(np.mean(per[sel])) if sel.size else np.nan
-        return np.array([float(dice_from_counts(*c)), mean])
-
-    point = stat(np.arange(len(counts)))
-    low, high = bootstrap_ci(stat, len(counts), config.n_bootstrap, config.confidence, config.seed)
-    std = float(np.std(per[lesion])) if lesion.any() else float("nan")
-    return {
-        "dice_pooled": _metric(point[0], low[0], high[0]),
-        "dice_mean": _metric(point[1], low[1], high[1]),
-        "dice_std": _metric(std),
-    }
-
-
-def _thin(*arrays: np.ndarray, max_points: int = 1000) -> list[np.ndarray]:
-    n = len(arrays[0])
-    if n <= max_points:
-        return [np.asarray(a) for a in arrays]
-    idx = np.unique(np.linspace(0, n - 1, max_points).round().astype(int))
-    return [np.asarray(a)[idx] for a in arrays]
-
-
-def _classification_curves(scores: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray] | None:
-    _, tp, fp, n_pos, n_neg = curve_counts(scores, labels)
-    if n_pos == 0 or n_neg == 0:
-        return None
-    fpr, tpr = roc_points(tp, fp, n_pos, n_neg)
-    recall = tp / n_pos
-    precision = tp / np.maximum(tp + fp, 1)
-    return {"fpr": fpr, "tpr": tpr, "recall": recall, "precision": precision}
-
-
-def _figure_cases(test: Sequence[PreparedCase], dice: np.ndarray, threshold: float, config: EvaluationConfig):
-    lesion = np.flatnonzero([c.volume_label for c in test])
-    if lesion.size == 0:
-        return []
-    order = lesion[np.argsort(np.nan_to_num(dice[lesion], nan=-1.0), kind="stable")[::-1]]
-    picks: dict[int, list[str]] = {}
-    for role, i in (("best", order[0]), ("median", order[len(order) // 2]), ("worst", order[-1])):
-        picks.setdefault(int(i), []).append(role)
-    out = []
-    for i, roles in picks.items():
-        role = ", ".join(roles)
-        case = test[i]
-        z = case.show_slice
-        entry = {
-            "role": role,
-            "name": case.name,
-            "dice": float(dice[i]),
-            "slice": int(z),
-            "map": case.score_volume()[..., z],
-            "label": case.label_volume()[..., z],
-            "prediction": case.prediction_volume(threshold, config.postprocess)[..., z],
-            "image": None,
-            "reconstruction": None,
-        }
-        src = case.source or {}
-        if src.get("image") is not None or src.get("reconstruction") is not None:
-            try:
-                # read again for the figure only: its label was checked (and warned about) when prepared
-                arrays = load_case(src, check_affine=config.check_affine, reorient=config.reorient, warn_labels=False)
-            except AEFlowInputError:
-                arrays = {}
-            for key in ("image", "reconstruction"):
-                vol = arrays.get(key)
-                if vol is not None:
-                    vol = vol[..., None] if vol.ndim == 2 else vol
-                    entry[key] = vol[..., z]
-        out.append(entry)
-    return out
 
 
 def evaluate_prepared(

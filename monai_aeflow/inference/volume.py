@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.transforms import DivisiblePad
 
 from monai_aeflow.models import get_model_spec, model_name_of
 from monai_aeflow.scores import combined_score, recon_score
@@ -57,7 +58,8 @@ class VolumeResult:
 
 
 def pad_to_multiple(x: torch.Tensor, k: int = 16) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """Symmetric zero padding of the last two axes up to multiples of ``k``.
+    """Symmetric zero padding of the last two axes up to multiples of ``k``: MONAI
+    ``DivisiblePad(k, method="symmetric")`` (left/top get ``total // 2``) on a plain tensor.
 
     Args:
         x: (..., H, W) tensor.
@@ -67,9 +69,14 @@ def pad_to_multiple(x: torch.Tensor, k: int = 16) -> tuple[torch.Tensor, tuple[i
         The padded tensor and the ``(left, right, top, bottom)`` padding to undo it.
     """
     h, w = x.shape[-2:]
-    ph, pw = (-h) % k, (-w) % k
-    pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
-    return (F.pad(x, pad) if any(pad) else x), pad
+    padder = DivisiblePad((k, k), method="symmetric")
+    _, (top, bottom), (left, right) = padder.compute_pad_width((h, w))
+    pad = (int(left), int(right), int(top), int(bottom))
+    if not any(pad):
+        return x, pad
+    padded = padder(x.reshape(-1, h, w))  # the leading axes play MONAI's channel axis
+    padded = padded.as_tensor() if isinstance(padded, MetaTensor) else padded
+    return padded.reshape(*x.shape[:-2], *padded.shape[-2:]), pad
 
 
 @torch.inference_mode()

@@ -60,81 +60,54 @@ def _run(
     accept_irregular_series: bool,
 ) -> list[dict[str, Any]]:
     from monai_aeflow.errors import AEFlowInputError
-    from monai_aeflow.inference.batch import expand_inputs
-    from monai_aeflow.inference.outputs import lock_output_folder
+    from monai_aeflow.fileio import atomic_write_text
+    from monai_aeflow.inference.batch import expand_inputs, score_paths
+    from monai_aeflow.inference.outputs import lock_output_folder, remove_leftovers
+    from monai_aeflow.inference.scorer import AnomalyScorer
 
     inputs = expand_inputs(paths)
     if mask is not None and len(inputs) != 1:
         raise AEFlowInputError(f"--mask applies to one input, but {len(inputs)} inputs were given")
     # the output folder first: created, writable and ours (locked) before the model is loaded
-    folder_lock = lock_output_folder(out)
-    try:
+    with lock_output_folder(out):
         summary = out / "summary.csv"
         if len(inputs) > 1 and not overwrite and summary.exists():
             raise AEFlowInputError("output exists (use --overwrite to replace it)", path=summary)
-        return _score_locked(
-            inputs, model, out, device, batch_size, threshold, mask, overwrite, workers, preview, quiet,
-            max_voxels, accept_irregular_series,
-        )  # fmt: skip
-    finally:
-        folder_lock.release()
-
-
-def _score_locked(
-    inputs: list[Path],
-    model: str,
-    out: Path,
-    device: str,
-    batch_size: int | None,
-    threshold: float | None,
-    mask: Path | None,
-    overwrite: bool,
-    workers: int | None,
-    preview: bool,
-    quiet: bool,
-    max_voxels: int,
-    accept_irregular_series: bool,
-) -> list[dict[str, Any]]:
-    from monai_aeflow.fileio import atomic_write_text
-    from monai_aeflow.inference.batch import score_paths
-    from monai_aeflow.inference.outputs import remove_leftovers
-    from monai_aeflow.inference.scorer import AnomalyScorer
-
-    scorer = AnomalyScorer(
-        model,
-        device=device,
-        batch_size=batch_size,
-        threshold=threshold,
-        max_voxels=max_voxels,
-        accept_irregular_series=accept_irregular_series,
-    )
-    if workers is None:
-        workers = 2 if scorer.device.type == "cuda" else 1
-    if not quiet:
-        click.echo(
-            f"model {scorer.model_path} ({scorer.model_name}, threshold "
-            f"{_fmt(scorer.threshold)}{'' if scorer.threshold_source is None else ' from ' + scorer.threshold_source})"
-            f" on {scorer.device}; {len(inputs)} input(s) -> {out}",
-            err=True,
+        scorer = AnomalyScorer(
+            model,
+            device=device,
+            batch_size=batch_size,
+            threshold=threshold,
+            max_voxels=max_voxels,
+            accept_irregular_series=accept_irregular_series,
         )
-        if scorer.threshold is None:
-            click.echo("no threshold stored in the model or given: lesion masks are not written", err=True)
-    masks = {str(inputs[0]): str(mask)} if mask is not None else None
-    rows = score_paths(
-        scorer,
-        inputs,
-        out,
-        overwrite=overwrite,
-        preview=preview,
-        masks=masks,
-        workers=workers,
-        progress=not quiet,
-        lock=False,
-    )
-    if len(rows) > 1:
-        remove_leftovers(out, (), ("summary.csv",))
-        atomic_write_text(out / "summary.csv", _summary_csv(rows))
-    return rows
+        if workers is None:
+            workers = 2 if scorer.device.type == "cuda" else 1
+        if not quiet:
+            source = "" if scorer.threshold_source is None else f" from {scorer.threshold_source}"
+            click.echo(
+                f"model {scorer.model_path} ({scorer.model_name}, threshold {_fmt(scorer.threshold)}{source})"
+                f" on {scorer.device}; {len(inputs)} input(s) -> {out}",
+                err=True,
+            )
+            if scorer.threshold is None:
+                click.echo("no threshold stored in the model or given: lesion masks are not written", err=True)
+        masks = {str(inputs[0]): str(mask)} if mask is not None else None
+        rows = score_paths(
+            scorer,
+            inputs,
+            out,
+            overwrite=overwrite,
+            preview=preview,
+            masks=masks,
+            workers=workers,
+            progress=not quiet,
+            lock=False,
+        )
+        if len(rows) > 1:
+            remove_leftovers(out, (), ("summary.csv",))
+            atomic_write_text(out / "summary.csv", _summary_csv(rows))
+        return rows
 
 
 @click.command()

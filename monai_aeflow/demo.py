@@ -20,9 +20,9 @@ from sklearn.metrics import roc_auc_score
 
 from monai_aeflow.checkpoint import load_model
 from monai_aeflow.data.datalists import split_cohort
+from monai_aeflow.data.preprocessing import build_volume_preprocessing
 from monai_aeflow.data.slices import SliceDataset, select_slices
 from monai_aeflow.data.synthetic import generate_cohort
-from monai_aeflow.data.transforms import build_volume_preprocessing
 from monai_aeflow.engines.workflow import TrainingConfig, resolve_device, train
 from monai_aeflow.errors import AEFlowInputError
 from monai_aeflow.fileio import atomic_write, atomic_write_json

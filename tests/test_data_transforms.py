@@ -263,3 +263,15 @@ def test_image_pipeline_2d(tmp_path):
     assert tuple(out["mask"].shape) == (1, 256, 256) and int(out["mask"].min()) == 1
     assert out["label"] == 1
     assert 0.0 <= float(out["image"].min()) and float(out["image"].max()) <= 1.0
+
+
+def test_pipelines_and_smoothing_keep_their_old_import_path():
+    """The pipelines moved to data/preprocessing.py and CurvatureFlowd to data/smoothing.py: old paths still work."""
+    import monai_aeflow.data.transforms as transforms
+    from monai_aeflow.data import preprocessing, smoothing
+
+    for name in ("PreprocessingCompose", "build_volume_preprocessing", "build_image_preprocessing"):
+        assert getattr(transforms, name) is getattr(preprocessing, name)
+    assert transforms.CurvatureFlowd is smoothing.CurvatureFlowd
+    with pytest.raises(AttributeError):
+        transforms.no_such_name  # noqa: B018

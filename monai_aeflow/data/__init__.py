@@ -12,6 +12,7 @@ from monai_aeflow.data.indexers import (
 )
 from monai_aeflow.data.io import LoadImageCheckedd, load_image, reraise_input_errors
 from monai_aeflow.data.isic import index_isic
+from monai_aeflow.data.preprocessing import PreprocessingCompose, build_image_preprocessing, build_volume_preprocessing
 from monai_aeflow.data.slices import (
     DEFAULT_MIN_AREA_FRACTION,
     SliceDataset,
@@ -19,6 +20,7 @@ from monai_aeflow.data.slices import (
     make_slice_dataset,
     select_slices,
 )
+from monai_aeflow.data.smoothing import CurvatureFlowd
 from monai_aeflow.data.splits import check_disjoint_subjects, read_split_csv, split_by_subject, write_split_csv
 from monai_aeflow.data.synthetic import (
     SyntheticSubject,
@@ -33,13 +35,9 @@ from monai_aeflow.data.transforms import (
     BrainMaskd,
     CastMasksd,
     CropOrPadInPlaned,
-    CurvatureFlowd,
-    PreprocessingCompose,
     ResampleToSpacingd,
     ResizeImaged,
     ScaleIntensityInMaskd,
-    build_image_preprocessing,
-    build_volume_preprocessing,
     percentile_scale,
 )
 

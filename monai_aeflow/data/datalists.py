@@ -16,10 +16,10 @@ import torch
 
 from monai_aeflow.data.indexers import index_dataset
 from monai_aeflow.data.io import reraise_input_errors
+from monai_aeflow.data.preprocessing import build_volume_preprocessing
 from monai_aeflow.data.slices import SliceDataset, make_slice_dataset
 from monai_aeflow.data.splits import check_disjoint_subjects, read_split_csv, split_by_subject
 from monai_aeflow.data.synthetic import generate_cohort
-from monai_aeflow.data.transforms import build_volume_preprocessing
 from monai_aeflow.errors import AEFlowInputError
 
 __all__ = [
@@ -98,7 +98,7 @@ class DataConfig:
     synthetic_dir: str | None = None
 
     def preprocessing_config(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`~monai_aeflow.data.transforms.build_volume_preprocessing` (stored in models)."""
+        """Keyword arguments of :func:`~monai_aeflow.data.preprocessing.build_volume_preprocessing` (in models)."""
         if self.data_dir is None:
             size = [int(s) for s in self.synthetic.shape[:2]]
             spacing = None

@@ -24,7 +24,7 @@ import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
 
 from monai_aeflow.data.io import reraise_input_errors
-from monai_aeflow.data.transforms import build_volume_preprocessing
+from monai_aeflow.data.preprocessing import build_volume_preprocessing
 from monai_aeflow.errors import AEFlowInputError
 
 __all__ = [
@@ -136,7 +136,7 @@ class SliceDataset(torch.utils.data.Dataset):
 
     Args:
         volumes: preprocessed volume dicts (see :func:`extract_slice`), e.g. a MONAI ``CacheDataset``
-            built with :func:`~monai_aeflow.data.transforms.build_volume_preprocessing`.
+            built with :func:`~monai_aeflow.data.preprocessing.build_volume_preprocessing`.
         min_area_fraction: keep slices whose brain area is at least this fraction of the largest.
         healthy_only: keep only slices without lesion voxels (training).
         transform: optional callable applied to each slice dict (e.g. MONAI 2D augmentations).

@@ -1,13 +1,14 @@
-"""MONAI dictionary transforms for the brain MRI protocol, and the standard preprocessing pipelines.
+"""MONAI dictionary transforms for the brain MRI protocol.
 
 Each transform does one job and works on the data dicts of :mod:`monai_aeflow.data.indexers`
 (keys ``"image"``, ``"mask"``, ``"label"``, ...). A ``None`` value (no brain mask or no lesion label
-file) is passed through untouched. The volume pipeline (:func:`build_volume_preprocessing`) is:
+file) is passed through untouched. :mod:`monai_aeflow.data.preprocessing` composes them; the volume pipeline
+(:func:`~monai_aeflow.data.preprocessing.build_volume_preprocessing`) is:
 
 1. :class:`~monai_aeflow.data.io.LoadImageCheckedd`: load, validate, reorient to RAS;
 2. :class:`BrainMaskd`: brain mask from the mask file or from the nonzero voxels, optionally eroded;
 3. :class:`ResampleToSpacingd` (optional): resample to 1 mm;
-4. :class:`CurvatureFlowd` (optional): edge-preserving smoothing with itk;
+4. :class:`~monai_aeflow.data.smoothing.CurvatureFlowd` (optional): edge-preserving smoothing with itk;
 5. :class:`ScaleIntensityInMaskd`: clip at the 1st/99th percentile inside the brain, scale to [0, 1];
 6. :class:`CropOrPadInPlaned`: crop/pad the axial plane to a fixed size divisible by 16;
 7. :class:`BinarizeLabeld` and :class:`CastMasksd`: binary uint8 lesion label and brain mask.
@@ -18,6 +19,7 @@ preprocessed volume can be written back in the input's space.
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
@@ -25,9 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
 from monai.transforms import (
-    Compose,
     Crop,
     InvertibleTransform,
     MapTransform,
@@ -38,23 +38,33 @@ from monai.transforms import (
 from monai.utils import convert_to_dst_type, ensure_tuple
 from scipy import ndimage
 
-from monai_aeflow.data.io import LoadImageCheckedd, check_same_spatial_shape, reraise_input_errors, source_name
+from monai_aeflow.data.io import check_same_spatial_shape, source_name
 from monai_aeflow.errors import AEFlowInputError
 
 __all__ = [
     "BrainMaskd",
     "ScaleIntensityInMaskd",
     "ResampleToSpacingd",
-    "CurvatureFlowd",
     "CropOrPadInPlaned",
     "ResizeImaged",
     "BinarizeLabeld",
     "CastMasksd",
     "percentile_scale",
-    "PreprocessingCompose",
-    "build_volume_preprocessing",
-    "build_image_preprocessing",
 ]
+
+_MOVED = {
+    "PreprocessingCompose": "preprocessing",
+    "build_volume_preprocessing": "preprocessing",
+    "build_image_preprocessing": "preprocessing",
+    "CurvatureFlowd": "smoothing",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Names moved to :mod:`monai_aeflow.data.preprocessing` and :mod:`monai_aeflow.data.smoothing` keep this path."""
+    if name in _MOVED:
+        return getattr(importlib.import_module(f"monai_aeflow.data.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _present(transform: MapTransform, data: Mapping[Hashable, Any]) -> Iterator[Hashable]:
@@ -290,53 +300,6 @@ class ResampleToSpacingd(_MonaiMasksd, Spacingd):
         self.image_key = image_key
 
 
-class CurvatureFlowd(MapTransform):
-    """Edge-preserving smoothing with ITK's ``CurvatureFlowImageFilter``, channel by channel.
-
-    The voxel spacing of the metadata is given to ITK, so that the flow is computed in mm.
-
-    Args:
-        keys: image keys to smooth.
-        iterations: number of flow iterations.
-        time_step: time step of the flow (stable for <= 0.125 in 3D at unit spacing).
-        allow_missing_keys: do not raise when a key is absent.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "image",
-        iterations: int = 5,
-        time_step: float = 0.0625,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.iterations = iterations
-        self.time_step = time_step
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        import itk
-
-        d = dict(data)
-        for key in _present(self, d):
-            image = d[key]
-            spatial = image.ndim - 1
-            if isinstance(image, MetaTensor):
-                spacing = [float(s) for s in image.pixdim[:spatial]]
-            else:
-                spacing = [1.0] * spatial
-            channels = []
-            for channel in torch.as_tensor(image).detach().cpu().numpy().astype(np.float32):
-                # ITK arrays index (z, y, x): transpose so that ITK's x is the first MONAI axis
-                itk_image = itk.image_from_array(np.ascontiguousarray(channel.T))
-                itk_image.SetSpacing(spacing)
-                smoothed = itk.curvature_flow_image_filter(
-                    itk_image, number_of_iterations=self.iterations, time_step=self.time_step
-                )
-                channels.append(itk.array_from_image(smoothed).T)
-            d[key] = _as_meta(np.stack(channels), image, dtype=torch.float32)
-        return d
-
-
 class CropOrPadInPlaned(MapTransform, InvertibleTransform):
     """Crop and pad the axial plane (first two spatial axes) to a fixed size, keeping every slice.
 
@@ -498,106 +461,3 @@ class CastMasksd(MapTransform):
             if isinstance(d[key], torch.Tensor):
                 d[key] = _as_meta(d[key] > 0.5, d[key], dtype=torch.uint8)
         return d
-
-
-class PreprocessingCompose(Compose):
-    """A MONAI ``Compose`` that lets :class:`~monai_aeflow.errors.AEFlowInputError` through unwrapped.
-
-    MONAI wraps any exception raised inside a ``Compose`` in ``RuntimeError("applying transform
-    ...")``; this subclass re-raises the user-input error itself, so that callers (and the command
-    line) can report "file: problem" without a traceback.
-    """
-
-    def __call__(self, input_: Any, *args: Any, **kwargs: Any) -> Any:
-        with reraise_input_errors():
-            return super().__call__(input_, *args, **kwargs)
-
-
-def build_volume_preprocessing(
-    spatial_size: Sequence[int] | int = (256, 256),
-    percentiles: tuple[float, float] = (1.0, 99.0),
-    mask_threshold: float = 0.5,
-    background: float | str | None = "auto",
-    mask_erosion: int = 0,
-    spacing: Sequence[float] | float | None = None,
-    smoothing: bool = False,
-    smoothing_iterations: int = 5,
-    orientation: str = "RAS",
-    image_key: str = "image",
-    mask_key: str = "mask",
-    label_key: str = "label",
-) -> PreprocessingCompose:
-    """The standard preprocessing of brain MRI volumes, from indexer data dicts to [0, 1] volumes.
-
-    Args:
-        spatial_size: in-plane size after crop/pad (multiples of 16).
-        percentiles: clipping percentiles inside the brain mask.
-        mask_threshold: threshold of a loaded (possibly probabilistic) brain mask.
-        background: intensity outside the brain when there is no mask file (see :class:`BrainMaskd`).
-        mask_erosion: erosion iterations of the brain mask.
-        spacing: voxel spacing to resample to (e.g. ``1.0``), ``None`` to keep the input's.
-        smoothing: apply CurvatureFlow smoothing.
-        smoothing_iterations: CurvatureFlow iterations.
-        orientation: axis codes (``"RAS"``: axial slices are the last axis).
-        image_key: key of the image path(s).
-        mask_key: key of the brain mask path (or ``None``).
-        label_key: key of the lesion label path (or ``None``).
-
-    Returns:
-        a :class:`PreprocessingCompose` whose output dicts hold a float32 image ``(C, X, Y, Z)`` in
-        [0, 1], a uint8 brain mask ``(1, X, Y, Z)`` and a uint8 binary lesion label (or ``None``), all
-        MetaTensors.
-
-    Example::
-
-        preprocess = build_volume_preprocessing(spacing=1.0)
-        volume = preprocess(index_brats("/data/BraTS2021", modality="flair")[0])
-    """
-    keys = (image_key, mask_key, label_key)
-    transforms: list[Any] = [
-        LoadImageCheckedd(keys, image_key=image_key, orientation=orientation, spatial_dims=3),
-        BrainMaskd(image_key, mask_key, mask_threshold, background, mask_erosion),
-        BinarizeLabeld(label_key),
-    ]
-    if spacing is not None:
-        transforms.append(ResampleToSpacingd(keys, pixdim=spacing, image_key=image_key))
-    if smoothing:
-        transforms.append(CurvatureFlowd(image_key, iterations=smoothing_iterations))
-    transforms += [
-        ScaleIntensityInMaskd(image_key, mask_key, *percentiles),
-        CropOrPadInPlaned(keys, spatial_size, source_key=mask_key),
-        CastMasksd((mask_key, label_key)),
-    ]
-    return PreprocessingCompose(transforms)
-
-
-def build_image_preprocessing(
-    spatial_size: Sequence[int] | int = (256, 256),
-    percentiles: tuple[float, float] = (1.0, 99.0),
-    grayscale: bool = True,
-    image_key: str = "image",
-    mask_key: str = "mask",
-) -> PreprocessingCompose:
-    """The standard preprocessing of 2D images (chest X-ray, OCT): [0, 1] intensities, fixed size.
-
-    Args:
-        spatial_size: output size (multiples of 16).
-        percentiles: clipping percentiles over the whole image (or inside the mask, if given).
-        grayscale: convert colour images to one channel.
-        image_key: key of the image path.
-        mask_key: key of an optional mask path; a whole-image mask is made when it is ``None``.
-
-    Returns:
-        a :class:`PreprocessingCompose` whose output dicts hold a float32 image ``(C, H, W)`` in [0, 1] and a uint8 mask
-        ``(1, H, W)``; an integer ``label`` passes through.
-    """
-    keys = (image_key, mask_key)
-    return PreprocessingCompose(
-        [
-            LoadImageCheckedd(keys, image_key=image_key, spatial_dims=2, grayscale=grayscale),
-            BrainMaskd(image_key, mask_key, background=None),
-            ScaleIntensityInMaskd(image_key, mask_key, *percentiles),
-            ResizeImaged(keys, spatial_size, image_key=image_key),
-            CastMasksd(mask_key),
-        ]
-    )

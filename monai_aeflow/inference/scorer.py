@@ -30,7 +30,7 @@ from monai.transforms import Invertd
 from monai_aeflow.checkpoint import load_model
 from monai_aeflow.data.checks import DEFAULT_MAX_VOXELS, IrregularSeriesError, check_dicom_series, check_voxel_limit
 from monai_aeflow.data.io import file_kind, reraise_input_errors
-from monai_aeflow.data.transforms import build_image_preprocessing, build_volume_preprocessing
+from monai_aeflow.data.preprocessing import build_image_preprocessing, build_volume_preprocessing
 from monai_aeflow.device import resolve_device
 from monai_aeflow.errors import AEFlowInputError, CheckpointError
 from monai_aeflow.evaluation.postprocess import PostprocessConfig, postprocess_map, segment
@@ -86,8 +86,8 @@ def preprocessing_from_config(config: Mapping[str, Any], kind: str = "volume") -
 
     Args:
         config: the model file's ``config["preprocessing"]`` (keyword arguments of
-            :func:`~monai_aeflow.data.transforms.build_volume_preprocessing` or
-            :func:`~monai_aeflow.data.transforms.build_image_preprocessing`; other keys are ignored).
+            :func:`~monai_aeflow.data.preprocessing.build_volume_preprocessing` or
+            :func:`~monai_aeflow.data.preprocessing.build_image_preprocessing`; other keys are ignored).
         kind: ``"volume"`` (NIfTI, DICOM, MetaImage) or ``"image2d"`` (PNG, JPEG...).
 
     Returns:

@@ -20,7 +20,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch.optim import Optimizer
 
 from monai_aeflow.losses import AEFlowLoss
-from monai_aeflow.models import get_model_spec, model_name_of
+from monai_aeflow.models import spec_of
 
 __all__ = ["AEFlowTrainer", "AEFlowEvaluator", "AnomalyTrainer", "AnomalyEvaluator", "slice_labels", "OUTPUT_KEYS"]
 
@@ -224,7 +224,7 @@ class AEFlowEvaluator(_QuietInterrupt, SupervisedEvaluator):
         self.beta = beta
         self.map_kind = map_kind
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model_spec = get_model_spec(model_name_of(network))
+        self.model_spec = spec_of(network)
         self._quiet_interrupts()
 
     def _iteration(self, engine: AEFlowEvaluator, batchdata: Mapping[str, Any]) -> dict[str, Any]:

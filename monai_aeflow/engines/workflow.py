@@ -52,7 +52,7 @@ from monai_aeflow.engines.run_folder import (  # noqa: F401  (re-exported: their
 )
 from monai_aeflow.engines.trainer import AEFlowEvaluator, AEFlowTrainer
 from monai_aeflow.errors import AEFlowInputError, CheckpointError
-from monai_aeflow.models import get_model_spec, model_name_of, trainable_parameters
+from monai_aeflow.models import spec_of, trainable_parameters
 
 __all__ = [
     "TrainingConfig",
@@ -169,7 +169,7 @@ def create_engines(
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
     amp = config.amp and cuda
-    spec = get_model_spec(model_name_of(network))
+    spec = spec_of(network)
     loss_function = spec.make_loss(dataclasses.asdict(config))
     if resume is not None and hasattr(loss_function, "discriminator_step"):
         raise AEFlowInputError(

@@ -10,7 +10,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import DivisiblePad
 
-from monai_aeflow.models import get_model_spec, model_name_of
+from monai_aeflow.models import spec_of
 from monai_aeflow.scores import combined_score, recon_score
 
 __all__ = ["VolumeResult", "default_batch_size", "pad_to_multiple", "score_slices", "score_volume"]
@@ -104,7 +104,7 @@ def score_slices(
         extra terms (``score_flow`` and ``score_recon`` for AE-FLOW) as CPU float32 tensors.
     """
     network.eval()
-    spec = get_model_spec(model_name_of(network))
+    spec = spec_of(network)
     device = next(network.parameters()).device
     use_amp = device.type == "cuda" if amp is None else (amp and device.type == "cuda")
     # channels-last is faster on CUDA and on CPU (oneDNN) once the weights are channels-last too

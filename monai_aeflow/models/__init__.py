@@ -52,6 +52,7 @@ __all__ = [
     "get_model_spec",
     "model_name_of",
     "register_model",
+    "spec_of",
     "trainable_parameters",
 ]
 
@@ -125,8 +126,33 @@ def build_network(name: str | None = None, **hparams: Any) -> nn.Module:
     return spec.network_cls(**kwargs)
 
 
+def spec_of(network: nn.Module) -> ModelSpec:
+    """The spec of a network instance, found from the network itself (its class), not from a name.
+
+    The network's own class is looked up first; for an unregistered subclass the most specific registered
+    base class in its MRO wins (so a :class:`~monai_aeflow.networks.FlowOnlyAEFlow` is ``flowonly``, not
+    ``aeflow``). When several specs share a class, the first one in :data:`MODELS` wins.
+
+    Args:
+        network: a network built by :func:`build_network` (or wrapped by DDP / ``torch.compile``).
+
+    Returns:
+        The :class:`ModelSpec`.
+
+    Raises:
+        ValueError: neither the class nor any of its bases is registered.
+    """
+    net = getattr(network, "module", network)
+    net = getattr(net, "_orig_mod", net)
+    for cls in type(net).__mro__:
+        for spec in MODELS.values():
+            if spec.network_cls is cls:
+                return spec
+    raise ValueError(f"{type(net).__name__} is not a registered model")
+
+
 def model_name_of(network: nn.Module) -> str:
-    """The registry name of a network instance (its class registered under that name).
+    """The registry name of a network instance (the name of :func:`spec_of`; model files store it).
 
     Args:
         network: a network built by :func:`build_network` (or wrapped by DDP / ``torch.compile``).
@@ -137,12 +163,7 @@ def model_name_of(network: nn.Module) -> str:
     Raises:
         ValueError: the class is not registered.
     """
-    net = getattr(network, "module", network)
-    net = getattr(net, "_orig_mod", net)
-    for name, spec in MODELS.items():
-        if type(net) is spec.network_cls:
-            return name
-    raise ValueError(f"{type(net).__name__} is not a registered model")
+    return spec_of(network).name
 
 
 def trainable_parameters(network: nn.Module) -> list[nn.Parameter]:

@@ -1,5 +1,6 @@
 """Data: loading, preprocessing, indexers, data-file checks, subject-level splits, slice sampling, synthetic brains."""
 
+from monai_aeflow.data.bundle_datalists import prepare_brain_mri_datalist, prepare_image_datalist
 from monai_aeflow.data.checks import check_data_files
 from monai_aeflow.data.indexers import (
     INDEXERS,
@@ -76,6 +77,8 @@ __all__ = [
     "make_slices",
     "make_subject",
     "percentile_scale",
+    "prepare_brain_mri_datalist",
+    "prepare_image_datalist",
     "read_split_csv",
     "reraise_input_errors",
     "select_slices",

@@ -15,11 +15,15 @@ voxels (1 mm, the BraTS grid). Then, one after the other on the same machine:
   ``server_overhead_seconds`` = request - the scorer's time inside the same request, which does not depend on
   how the load of the machine differs between the two measurements.
 
+Then ``queue``: ``--queue N`` requests sent at once (the app's ``max_queue``), ``GET /info/`` timed while they wait
+(against ``GET /info/`` on the idle server, measured in the same run) and the time of the answer ``503`` to one
+more request: the server stays responsive while it scores.
+
 The two are measured alternately (scorer, request, scorer, request, ...) so that the load of the machine weighs
 on both alike; each figure is the median of ``--repeats`` runs after one warm-up run of each (the overhead is also
 given from the minima). Prints one JSON object.
 
-Run: ``python benchmarks/bench_label.py [--backbone wide_resnet50_2|resnet18] [--size 256] [--repeats 3]``
+Run: ``python benchmarks/bench_label.py [--backbone wide_resnet50_2|resnet18] [--size 256] [--repeats 3] [--queue 16]``
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import platform
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -56,6 +61,48 @@ def _median(values: list[float]) -> float:
     return round(statistics.median(values), 3)
 
 
+def _timed_get(url: str) -> float:
+    import requests
+
+    start = time.perf_counter()
+    requests.get(url, timeout=60).raise_for_status()
+    return time.perf_counter() - start
+
+
+def _queue_responsiveness(server, image_id: str, n: int) -> dict:
+    """``GET /info/`` while ``n`` requests wait, against the idle server; the time of a ``503`` beyond the queue."""
+    import requests
+
+    info = f"{server.url}/info/"
+    idle = [_timed_get(info) for _ in range(5)]
+
+    def send() -> None:
+        try:
+            requests.post(f"{server.url}/infer/aeflow", params={"image": image_id}, timeout=3600)
+        except requests.RequestException:
+            pass  # the server is stopped before the queue drains
+
+    for _ in range(n):
+        threading.Thread(target=send, daemon=True).start()
+    deadline, pending = time.monotonic() + 120, 0
+    while pending < n and time.monotonic() < deadline:
+        pending = requests.get(info, timeout=60).json()["aeflow_queue"]["pending"]
+        time.sleep(0.05)
+    busy = [_timed_get(info) for _ in range(10)]
+    start = time.perf_counter()
+    refused = requests.post(f"{server.url}/infer/aeflow", params={"image": image_id}, timeout=60)
+    refused_s = time.perf_counter() - start
+    return {
+        "requests_queued": pending,
+        "info_idle_seconds_median": _median(idle),
+        "info_busy_seconds_median": _median(busy),
+        "info_busy_seconds_max": round(max(busy), 3),
+        "info_busy_over_idle": round(statistics.median(busy) / statistics.median(idle), 2),
+        "beyond_queue_status": refused.status_code,
+        "beyond_queue_seconds": round(refused_s, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="wide_resnet50_2", choices=["wide_resnet50_2", "resnet18"])
@@ -65,6 +112,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the scorer's (by device and size)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--queue", type=int, default=16, help="requests sent at once (0: no queue measurement)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,7 +136,7 @@ def main() -> None:
         app = Path(
             shutil.copytree(ROOT / "apps" / "aeflow_label", work / "app", ignore=shutil.ignore_patterns("__pycache__"))
         )
-        conf = {"model": model, "device": args.device}
+        conf = {"model": model, "device": args.device, "max_queue": max(args.queue, 1)}
         if args.batch_size is not None:
             conf["batch_size"] = args.batch_size
         env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
@@ -113,6 +161,7 @@ def main() -> None:
                 task_s.append(params["latencies"]["infer"])
                 write_s.append(params["latencies"]["write"])
             label_bytes = len(label or b"")
+            queue = _queue_responsiveness(server, "case", args.queue) if args.queue > 0 else None
         scored_slices = result.scores["scored_slices"]
 
         model_med, request_med = _median(model_s), _median(request_s)
@@ -137,6 +186,7 @@ def main() -> None:
             "server_task_write_seconds": _median(write_s),
             "server_startup_seconds": round(startup_s, 1),
             "label_bytes": label_bytes,
+            "queue": queue,
             "runs": {"model": [round(v, 3) for v in model_s], "request": [round(v, 3) for v in request_s]},
         }
         print(json.dumps(report))

@@ -84,7 +84,7 @@ from monai_aeflow.engines.metrics import (
 )
 from monai_aeflow.errors import AEFlowInputError
 from monai_aeflow.evaluation.volumes import evaluate_volumes
-from monai_aeflow.models import build_network, get_model_spec, model_name_of
+from monai_aeflow.models import build_network, get_model_spec, spec_of
 
 __all__ = [
     "SYNTHETIC_BRAIN_DEFAULTS",
@@ -313,12 +313,11 @@ class AnomalyMapNet(nn.Module):
         self.network = network
         self.map_kind = map_kind
         self.beta = float(beta)
-        self.model_name = model_name or model_name_of(network)
-        get_model_spec(self.model_name)
+        self.spec = get_model_spec(model_name) if model_name else spec_of(network)
+        self.model_name = self.spec.name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spec = get_model_spec(self.model_name)
-        return spec.score(self.network, x, beta=self.beta, map_kind=self.map_kind)["anomaly_map"]
+        return self.spec.score(self.network, x, beta=self.beta, map_kind=self.map_kind)["anomaly_map"]
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return self.network.state_dict(*args, **kwargs)

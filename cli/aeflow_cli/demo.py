@@ -16,7 +16,12 @@ from aeflow_cli.common import run_guarded
 @click.option("--shape", default=(64, 64, 48), show_default=True, type=(int, int, int), help="Volume shape (X Y Z).")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--lr", default=1e-3, show_default=True, type=float)
-@click.option("--backbone", default="resnet18", show_default=True, type=click.Choice(["resnet18", "wide_resnet50_2"]))
+@click.option(
+    "--backbone",
+    default="resnet18",
+    show_default=True,
+    type=click.Choice(["resnet18", "wide_resnet50_2", "efficientnet_lite0"]),
+)
 @click.option(
     "--backbone-weights",
     default="auto",

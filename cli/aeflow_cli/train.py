@@ -31,7 +31,7 @@ def backbone_options(fn: Any) -> Any:
         "--backbone",
         default="resnet18",
         show_default=True,
-        type=click.Choice(["resnet18", "wide_resnet50_2"]),
+        type=click.Choice(["resnet18", "wide_resnet50_2", "efficientnet_lite0"]),
         help="Encoder of aeflow / flowonly.",
     )(fn)
 

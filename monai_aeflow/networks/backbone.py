@@ -22,6 +22,7 @@ from monai_aeflow.networks.efficientnet_lite import (
     lite0_weights_path,
     load_efficientnet_lite_weights,
 )
+from monai_aeflow.networks.weights import read_state_dict_file
 
 __all__ = [
     "BACKBONES",
@@ -205,17 +206,7 @@ def load_backbone_weights(
     else:
         path = Path(weights)
         source = str(path)
-        if not path.is_file():
-            raise CheckpointError(
-                f"backbone weights file not found; expected torchvision's {model.name} state dict ({url})",
-                path=path,
-            )
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise CheckpointError(f"not a plain state-dict file ({err.__class__.__name__})", path=path) from err
-        if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-            state = state["state_dict"]
+        state = read_state_dict_file(path, f"torchvision's {model.name} state dict ({url})")
     if not isinstance(state, Mapping):
         raise CheckpointError(f"expected a state dict of tensors, got {type(state).__name__}", path=source)
     own = model.state_dict()

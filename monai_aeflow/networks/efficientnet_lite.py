@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from monai_aeflow.errors import CheckpointError
+from monai_aeflow.networks.weights import read_state_dict_file
 
 __all__ = [
     "LITE0_STAGES",
@@ -229,16 +230,7 @@ def load_efficientnet_lite_weights(
     else:
         path = lite0_weights_path() if str(weights) == "imagenet" else Path(weights)
         source = str(path)
-        if not path.is_file():
-            raise CheckpointError(f"backbone weights file not found; expected the {FILE_NAME} state dict", path=path)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise CheckpointError(f"not a plain state-dict file ({err.__class__.__name__})", path=path) from err
-        if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-            state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"expected a state dict of tensors, got {type(state).__name__}", path=source)
+        state = read_state_dict_file(path, f"the {FILE_NAME} state dict")
     own = model.state_dict()
     if set(state) != set(own):
         full = EfficientNetLite0()

@@ -34,6 +34,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -119,7 +120,9 @@ def main() -> None:
 
     from monai_aeflow.data.synthetic import generate_cohort
     from monai_aeflow.inference import AnomalyScorer
-    from monai_aeflow.label import LocalLabelServer
+
+    sys.path.insert(0, str(ROOT / "tests"))  # the test harness that runs a server
+    from label_server import LocalLabelServer
 
     work = Path(tempfile.mkdtemp(prefix="bench_label_"))
     try:

@@ -20,14 +20,10 @@ import torch
 pytest.importorskip("monailabel")
 requests = pytest.importorskip("requests")
 
+from label_server import LocalLabelServer, parse_infer_response  # noqa: E402
+
 from monai_aeflow.errors import AEFlowInputError, CheckpointError  # noqa: E402
-from monai_aeflow.label import (  # noqa: E402
-    ANOMALY_MAP_TAG,
-    AEFlowInferTask,
-    LabelAppConfig,
-    LocalLabelServer,
-    parse_infer_response,
-)
+from monai_aeflow.label import ANOMALY_MAP_TAG, AEFlowInferTask, LabelAppConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = ROOT / "apps" / "aeflow_label"

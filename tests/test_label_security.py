@@ -22,7 +22,8 @@ from scipy import ndimage
 pytest.importorskip("monailabel")
 requests = pytest.importorskip("requests")
 
-from monai_aeflow.label import LocalLabelServer  # noqa: E402
+from label_server import LocalLabelServer  # noqa: E402
+
 from monai_aeflow.label.routes import InferQueue, QueueFull  # noqa: E402
 from monai_aeflow.label.validation import IMAGE_NOT_FOUND, RequestError, parse_params, resolve_image  # noqa: E402
 

@@ -22,14 +22,10 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from monai_aeflow.label.app import ANOMALY_MAP_TAG, AEFlowLabelApp, LabelAppConfig
 from monai_aeflow.label.infer import AEFlowInferTask
-from monai_aeflow.label.server import LocalLabelServer, free_port, parse_infer_response
 
 __all__ = [
     "ANOMALY_MAP_TAG",
     "AEFlowInferTask",
     "AEFlowLabelApp",
     "LabelAppConfig",
-    "LocalLabelServer",
-    "free_port",
-    "parse_infer_response",
 ]

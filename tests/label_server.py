@@ -1,8 +1,9 @@
-"""Run a MONAI Label server on this machine in a subprocess and talk to it as a client does.
+"""Test harness: a MONAI Label server on this machine in a subprocess, talked to as a client does.
 
-For scripts, tests and benchmarks: :class:`LocalLabelServer` starts ``monailabel start_server`` (as
-``python -m monailabel.main``, which is what the ``monailabel`` console script runs) on a free loopback port,
-waits for ``/info/``, sends ``POST /infer/<model>`` requests and stops the whole process group.
+For the tests and ``benchmarks/bench_label.py``; not part of the library. :class:`LocalLabelServer` starts
+``monailabel start_server`` (as ``python -m monailabel.main``, which is what the ``monailabel`` console script runs)
+on a free loopback port, waits for ``/info/``, sends ``POST /infer/<model>`` requests and stops the whole process
+group.
 
 Example::
 

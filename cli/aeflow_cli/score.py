@@ -58,7 +58,9 @@ def _run(
     quiet: bool,
     max_voxels: int,
     accept_irregular_series: bool,
+    dicom_out: bool = False,
 ) -> list[dict[str, Any]]:
+    from monai_aeflow.data.io import file_kind
     from monai_aeflow.errors import AEFlowInputError
     from monai_aeflow.fileio import atomic_write_text
     from monai_aeflow.inference.batch import expand_inputs, score_paths
@@ -68,6 +70,17 @@ def _run(
     inputs = expand_inputs(paths)
     if mask is not None and len(inputs) != 1:
         raise AEFlowInputError(f"--mask applies to one input, but {len(inputs)} inputs were given")
+    extra_outputs = None
+    if dicom_out:
+        for path in inputs:
+            if file_kind(path) != "dicom":
+                raise AEFlowInputError(
+                    "is not a DICOM series folder (--dicom-out needs DICOM series inputs)", path=path
+                )
+        from monai_aeflow.inference.dicom import require_highdicom, write_dicom_outputs
+
+        require_highdicom()
+        extra_outputs = write_dicom_outputs
     # the output folder first: created, writable and ours (locked) before the model is loaded
     with lock_output_folder(out):
         summary = out / "summary.csv"
@@ -103,6 +116,7 @@ def _run(
             workers=workers,
             progress=not quiet,
             lock=False,
+            extra_outputs=extra_outputs,
         )
         if len(rows) > 1:
             remove_leftovers(out, (), ("summary.csv",))
@@ -152,6 +166,12 @@ def _run(
     help="Score a DICOM series with unreadable slice files or non-uniform slice spacing as loaded (readable "
     "slices at one spacing) instead of refusing it; NAME_scores.json records the problems (irregular_series).",
 )
+@click.option(
+    "--dicom-out",
+    is_flag=True,
+    help="Also write NAME_seg.dcm (the lesion mask as DICOM SEG) and NAME_pmap.dcm (the anomaly map as a DICOM "
+    "Parametric Map), referencing the source series; DICOM series inputs only (needs highdicom: the dicom extra).",
+)
 def score(
     paths: tuple[str, ...],
     model: str,
@@ -166,6 +186,7 @@ def score(
     quiet: bool,
     max_voxels: int,
     accept_irregular_series: bool,
+    dicom_out: bool,
 ) -> None:
     """Score volumes and images: anomaly map, lesion mask, scores JSON and preview per input.
 
@@ -184,7 +205,7 @@ def score(
     """
     rows = run_guarded(
         _run, paths, model, out, device, batch_size, threshold, mask, overwrite, workers, not no_preview, quiet,
-        max_voxels, accept_irregular_series,
+        max_voxels, accept_irregular_series, dicom_out,
     )  # fmt: skip
     failed = [r for r in rows if r["status"] != "ok"]
     if not quiet and len(rows) > 1:

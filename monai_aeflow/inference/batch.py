@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,7 @@ def score_paths(
     workers: int = 1,
     progress: bool = True,
     lock: bool = True,
+    extra_outputs: Callable[..., Mapping[str, Path]] | None = None,
 ) -> list[dict[str, Any]]:
     """Score many inputs, loading the next ones in background threads while the model runs.
 
@@ -110,6 +111,8 @@ def score_paths(
         progress: show a progress bar.
         lock: lock the output folder here; pass False when the caller already holds
             :func:`lock_output_folder` for ``out_dir``.
+        extra_outputs: further files per input, written with its group (``extra`` of :func:`write_outputs`, e.g.
+            :func:`~monai_aeflow.inference.dicom.write_dicom_outputs`).
 
     Returns:
         One dict per input: ``input``, ``name``, ``status`` (``"ok"`` or ``"error"``), ``error``,
@@ -129,7 +132,9 @@ def score_paths(
     out_root = Path(out_dir)
     folder_lock = lock_output_folder(out_root) if lock else None
     try:
-        return _score_locked(scorer, inputs, out_root, names, overwrite, preview, masks, workers, progress)
+        return _score_locked(
+            scorer, inputs, out_root, names, overwrite, preview, masks, workers, progress, extra_outputs
+        )
     finally:
         if folder_lock is not None:
             folder_lock.release()
@@ -145,6 +150,7 @@ def _score_locked(
     masks: Mapping[str, str | os.PathLike],
     workers: int,
     progress: bool,
+    extra_outputs: Callable[..., Mapping[str, Path]] | None = None,
 ) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
@@ -196,7 +202,7 @@ def _score_locked(
             if err is None:
                 try:
                     result = scorer.score_preprocessed(data)
-                    written = write_outputs(result, out_root, overwrite=overwrite, preview=preview)
+                    written = write_outputs(result, out_root, overwrite=overwrite, preview=preview, extra=extra_outputs)
                     s = result.scores
                     row.update(
                         status="ok",

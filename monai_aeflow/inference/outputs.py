@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -209,6 +209,7 @@ def write_outputs(
     overwrite: bool = False,
     preview: bool = True,
     name: str | None = None,
+    extra: Callable[[ScoreResult, Path, str], Mapping[str, Path]] | None = None,
 ) -> dict[str, Path]:
     """Write the anomaly map, the lesion mask, the scores JSON and a preview PNG of one result, as one group.
 
@@ -230,6 +231,10 @@ def write_outputs(
             and nothing is written. Files left incomplete by an interrupted run are replaced either way.
         preview: also write the PNG of the most anomalous slices.
         name: output name (default: from the input's file name).
+        extra: writer of further files of the group (e.g.
+            :func:`~monai_aeflow.inference.dicom.write_dicom_outputs`): called with the result, the staging folder
+            and the name, it writes its files into the staging folder and returns ``{key: path}``; they are
+            committed with the group (before the scores JSON, which lists them).
 
     Returns:
         The paths written (``anomaly``, ``mask`` (absent without a threshold), ``scores``, ``preview``).
@@ -272,6 +277,8 @@ def write_outputs(
                 slice_scores=pv["slice_scores"],
                 title=f"{result.name}: volume score {result.scores['volume_score']:.4g}",
             )
+        for key, path in dict(extra(result, stage, name) if extra is not None else {}).items():
+            staged[key], paths[key] = Path(path), out / Path(path).name
         files = {key: _file_entry(path) for key, path in staged.items() if key != "scores"}
         outputs = {k: str(v) for k, v in paths.items()}
         atomic_write_json(staged["scores"], {**result.scores, "outputs": outputs, "output_files": files})

@@ -190,6 +190,21 @@ NETWORK_RULES: dict[str, dict[str, Check]] = {
     "vqvae": _VQ_RULES,
     "vqgan": _VQ_RULES,
     "intensity": {"in_channels": _integer(1, 16), "median_size": _odd(1, 31)},
+    "dae": {
+        "in_channels": _integer(1, 16),
+        "channels": _int_list(range(2, 8), *_WIDTH),
+        "num_res_units": _integer(0, 16),
+        "norm": _one_of("instance", "batch", "group", "layer", "instance_nvfuser"),
+    },
+    "patchcore": {
+        "in_channels": _one_of(1, 3),
+        "backbone": _one_of(*BACKBONES),
+        "backbone_weights": _anything,  # replaced by None when a model file is loaded (the file holds the weights)
+        "bank_size": _integer(0, 2**31 - 1),
+        "feature_dim": _optional(_integer(*_WIDTH)),
+        "patch_size": _odd(1, 15),
+        "sigma": _number(0.0, 64.0),
+    },
 }
 """Rules of each registered model's network keyword arguments (as stored in ``config["model"]``)."""
 
@@ -216,6 +231,8 @@ MAP_KINDS_BY_MODEL: dict[str, tuple[str, ...]] = {
     "aeflow": _ALL_MAPS,
     "flowonly": _ALL_MAPS,  # one map whatever the kind
     "intensity": _ALL_MAPS,  # one map whatever the kind
+    "patchcore": _ALL_MAPS,  # one map whatever the kind
+    "dae": _RECON_MAPS,
     "ae": _RECON_MAPS,
     "vae": _RECON_MAPS,
     "pchvae": _RECON_MAPS,

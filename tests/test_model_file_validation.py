@@ -36,6 +36,8 @@ SMALL = {
     "vqgan": {"channels": [16, 32, 64], "num_embeddings": 64, "embedding_dim": 32},
     "flowonly": {"backbone": "resnet18", "backbone_weights": None, "flow_blocks": 2},
     "intensity": {},
+    "dae": {"channels": [8, 16, 16]},
+    "patchcore": {"backbone_weights": None},
 }
 
 VOLUME_PREPROCESSING = {"spatial_size": [64, 64], "percentiles": [1.0, 99.0], "spacing": None, "orientation": "RAS"}

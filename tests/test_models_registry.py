@@ -47,6 +47,8 @@ SMALL: dict[str, dict] = {
     "pchvae": {"channels": [8, 16, 16, 16]},
     "vqvae": {"channels": [8, 16, 16], "num_embeddings": 16, "embedding_dim": 8},
     "vqgan": {"channels": [8, 16, 16], "num_embeddings": 16, "embedding_dim": 8},
+    "dae": {"channels": [8, 16, 16]},
+    "patchcore": {"backbone_weights": None},
 }
 SIZE = 32
 
@@ -61,7 +63,11 @@ def _one_thread():
 
 def _small(name: str) -> nn.Module:
     torch.manual_seed(0)
-    return build_network(name, **SMALL.get(name, {}))
+    net = build_network(name, **SMALL.get(name, {}))
+    spec = get_model_spec(name)
+    if spec.make_fitter is not None:  # a one-pass model (PatchCore) scores only once fitted
+        spec.fit(net.eval(), [torch.rand(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(7))])
+    return net
 
 
 def _map_kinds(spec: ModelSpec, net: nn.Module, x: torch.Tensor) -> list[str]:
@@ -176,7 +182,18 @@ def test_registry_order_and_exports():
     assert list(MODELS)[: len(BUILTIN_MODELS)] == list(BUILTIN_MODELS)
     assert len(set(BUILTIN_MODELS)) == len(BUILTIN_MODELS)
     assert BUILTIN_MODELS[-1] == DEFAULT_MODEL == get_model_spec(None).name
-    assert set(BUILTIN_MODELS) == {"intensity", "ae", "vae", "pchvae", "vqvae", "vqgan", "flowonly", "aeflow"}
+    assert set(BUILTIN_MODELS) == {
+        "intensity",
+        "ae",
+        "dae",
+        "vae",
+        "pchvae",
+        "vqvae",
+        "vqgan",
+        "patchcore",
+        "flowonly",
+        "aeflow",
+    }
     for name in ("DEFAULT_MODEL", "MODELS", "ModelSpec", "build_network", "get_model_spec", "model_name_of"):
         assert name in models.__all__
     for name in ("register_model", "trainable_parameters", "aeflow_score"):
@@ -240,7 +257,7 @@ def test_the_deprecated_module_re_exports_its_names():
     from monai_aeflow.models import ae as ae_model
     from monai_aeflow.models import common, flow_only, intensity, pchvae, vae, vqvae
 
-    assert old.BASELINE_NAMES == ("intensity", "ae", "vae", "pchvae", "vqvae", "vqgan", "flowonly")
+    assert old.BASELINE_NAMES == ("intensity", "ae", "dae", "vae", "pchvae", "vqvae", "vqgan", "patchcore", "flowonly")
     same = {
         "THESIS_VAE_CONFIG": vae.THESIS_VAE_CONFIG,
         "gaussian_kl": common.gaussian_kl,

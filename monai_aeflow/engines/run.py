@@ -30,7 +30,7 @@ from monai_aeflow.engines.workflow import (
     train,
 )
 from monai_aeflow.errors import AEFlowInputError
-from monai_aeflow.models import build_model, check_model_args, count_parameters, trainable_parameters
+from monai_aeflow.models import build_model, check_model_args, count_parameters, spec_of, trainable_parameters
 
 __all__ = ["train_model", "parse_assignments", "run_training"]
 
@@ -55,7 +55,8 @@ def train_model(
 ) -> dict[str, Any]:
     """Train a registered model with the shared engine and write ``<output_dir>/model.pt``.
 
-    A model without trainable parameters (the intensity baseline) is saved as it is.
+    A model without trainable parameters (the intensity baseline) is saved as it is; one fitted in one pass
+    (PatchCore) goes through the engine's fit.
 
     Args:
         network: the model.
@@ -90,7 +91,7 @@ def train_model(
         loss_options=dict(loss_options or {}),
         **training,
     )
-    if not trainable_parameters(network):
+    if not trainable_parameters(network) and spec_of(network).make_fitter is None:
         out.mkdir(parents=True, exist_ok=True)
         path = save_model(network, out / MODEL_FILE, config=cfg.model_config())
         return {"model_path": str(path), "epochs": 0, "iterations": 0, "seconds": 0.0, "images_per_second": 0.0}

@@ -20,7 +20,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch.optim import Optimizer
 
 from monai_aeflow.losses import AEFlowLoss
-from monai_aeflow.models import spec_of
+from monai_aeflow.models import Fitter, spec_of
 
 __all__ = ["AEFlowTrainer", "AEFlowEvaluator", "AnomalyTrainer", "AnomalyEvaluator", "slice_labels", "OUTPUT_KEYS"]
 
@@ -89,9 +89,14 @@ class AEFlowTrainer(_QuietInterrupt, SupervisedTrainer):
     ``engine.state.output`` holds ``image``, ``pred`` (the reconstruction ``output.x_rec``), ``loss`` and
     every other term of the loss dict (``loss_flow``, ``loss_recon``, ``loss_kl``...); it is not decollated,
     so ``from_engine(["loss"])`` gives a scalar. A loss with a ``discriminator_step(output, x)`` method (an
-    adversarial baseline) has it called after each generator step. A KeyboardInterrupt (Ctrl-C) propagates
-    without a logged traceback and without ``EXCEPTION_RAISED`` handlers. Every other argument is MONAI's
-    ``SupervisedTrainer``'s (handlers, AMP, epoch length, ...).
+    adversarial baseline) has it called after each generator step; a loss with a ``corrupt(x, mask)`` method (a
+    denoising model) has the network see ``corrupt(x, batch["mask"])`` while the loss compares its output with
+    the clean ``x``. With a ``fitter`` (a model fitted in one pass without gradients, such as PatchCore; see
+    :class:`~monai_aeflow.models.spec.Fitter`) each iteration hands the batch to ``fitter.update`` instead,
+    nothing is optimised, and ``fitter.finish`` runs at the end of the epoch (before validation), its numbers in
+    ``engine.state.metrics`` as ``fit_*``; ``engine.state.output`` then holds only ``image``. A
+    KeyboardInterrupt (Ctrl-C) propagates without a logged traceback and without ``EXCEPTION_RAISED`` handlers.
+    Every other argument is MONAI's ``SupervisedTrainer``'s (handlers, AMP, epoch length, ...).
 
     Args:
         device: where to train.
@@ -103,6 +108,8 @@ class AEFlowTrainer(_QuietInterrupt, SupervisedTrainer):
         channels_last: use the channels-last memory format (faster convolutions on CUDA).
         flow_init_images: healthy images used to initialise the flow's ActNorm layer when training starts
             (skipped when the model is already initialised, e.g. loaded or resumed).
+        fitter: fit the model in one pass with this :class:`~monai_aeflow.models.spec.Fitter` instead of
+            optimising a loss (``optimizer`` may then be None; run one epoch).
         kwargs: passed to ``SupervisedTrainer``.
     """
 
@@ -112,10 +119,11 @@ class AEFlowTrainer(_QuietInterrupt, SupervisedTrainer):
         max_epochs: int,
         train_data_loader: Iterable,
         network: torch.nn.Module,
-        optimizer: Optimizer,
+        optimizer: Optimizer | None,
         loss_function: Callable | None = None,
         channels_last: bool = False,
         flow_init_images: int = 256,
+        fitter: Fitter | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("decollate", False)
@@ -130,8 +138,17 @@ class AEFlowTrainer(_QuietInterrupt, SupervisedTrainer):
         )
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.flow_init_images = flow_init_images
+        self.fitter = fitter
         self.add_event_handler(Events.STARTED, self._initialize_flow)
+        if fitter is not None:  # registered first: the fit is complete before any validation handler runs
+            self.add_event_handler(Events.EPOCH_COMPLETED, self._finish_fit)
         self._quiet_interrupts()
+
+    def _finish_fit(self, engine: AEFlowTrainer) -> None:
+        """Complete a one-pass fit (PatchCore's coreset) and record its numbers as ``fit_*`` metrics."""
+        with torch.no_grad():
+            summary = engine.fitter.finish(engine.network)
+        engine.state.metrics.update({f"fit_{k}": float(v) for k, v in (summary or {}).items()})
 
     def _initialize_flow(self, engine: AEFlowTrainer) -> None:
         """Data-dependent initialisation of the flow's ActNorm layer from up to ``flow_init_images`` images."""
@@ -155,9 +172,21 @@ class AEFlowTrainer(_QuietInterrupt, SupervisedTrainer):
             raise ValueError("must provide batch data for current iteration.")
         x = _to_device(batchdata[Keys.IMAGE], engine.state.device, engine.non_blocking, engine.memory_format)
         engine.state.output = {Keys.IMAGE: x}
+        if engine.fitter is not None:
+            engine.network.eval()
+            with torch.no_grad():
+                engine.fitter.update(engine.network, x)
+            engine.fire_event(IterationEvents.MODEL_COMPLETED)
+            return engine.state.output
+        corrupt = getattr(engine.loss_function, "corrupt", None)
+        x_in = x
+        if corrupt is not None:
+            mask = batchdata.get("mask")
+            mask = None if mask is None else _to_device(mask, x.device, engine.non_blocking, engine.memory_format)
+            x_in = corrupt(x, mask)
 
         def _compute() -> None:
-            out = engine.network(x)
+            out = engine.network(x_in)
             engine.state.output[Keys.PRED] = out.x_rec
             engine.state.output["_forward"] = out
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)

@@ -146,7 +146,10 @@ def create_engines(
     (``checkpoint_epoch=N.pt``, written atomically: network, optimiser, trainer, best validation metric, random
     generators, configuration) every ``checkpoint_every`` epochs and at the end, and ``model.pt`` (see
     :mod:`monai_aeflow.checkpoint`) whenever the validation AUROC improves, or at the end when there is no
-    validation split. With ``config.resume`` the checkpoint is loaded before the run starts.
+    validation split. With ``config.resume`` the checkpoint is loaded before the run starts. A model fitted in one
+    pass (its spec has ``make_fitter``, e.g. PatchCore) runs one epoch that feeds the fitter instead of an
+    optimiser, logs the fit's numbers (``fit/*``) and is validated and exported like the others; it writes no
+    resumable checkpoints (``config.max_epochs`` and the optimiser settings do not apply).
 
     Args:
         network: the model (flow and decoder are trained).
@@ -171,20 +174,29 @@ def create_engines(
     amp = config.amp and cuda
     spec = spec_of(network)
     loss_function = spec.make_loss(dataclasses.asdict(config))
+    fitter = None if spec.make_fitter is None else spec.make_fitter(dataclasses.asdict(config))
+    if resume is not None and fitter is not None:
+        raise AEFlowInputError(
+            f"{spec.name} is fitted in one pass over the training slices and writes no checkpoints: there is "
+            "nothing to resume; fit it again with --overwrite",
+            path=resume[0],
+        )
     if resume is not None and hasattr(loss_function, "discriminator_step"):
         raise AEFlowInputError(
             f"{spec.name} cannot be resumed: its checkpoints do not hold the discriminator and its optimiser; "
             "train it again with --overwrite",
             path=resume[0],
         )
-    optimizer = torch.optim.Adam(trainable_parameters(network), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = None
+    if fitter is None:
+        optimizer = torch.optim.Adam(trainable_parameters(network), lr=config.lr, weight_decay=config.weight_decay)
     writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
     model_cfg = config.model_config()
     model_path = out_dir / MODEL_FILE
 
     trainer = AEFlowTrainer(
         device=device,
-        max_epochs=config.max_epochs,
+        max_epochs=config.max_epochs if fitter is None else 1,  # a fit is one pass
         train_data_loader=train_loader,
         network=network,
         optimizer=optimizer,
@@ -192,17 +204,27 @@ def create_engines(
         epoch_length=config.epoch_length,
         amp=amp,
         channels_last=channels_last,
+        fitter=fitter,
     )
 
     def _losses(output: Mapping[str, Any]) -> dict[str, float]:
         return {f"train/{k}": float(v) for k, v in output.items() if k.startswith("loss") and v is not None}
 
-    TensorBoardStatsHandler(summary_writer=writer, output_transform=_losses, epoch_log=False).attach(trainer)
-    if config.progress:
-        StatsHandler(
-            name="monai_aeflow.train", output_transform=from_engine(["loss"], first=True), iteration_log=False
-        ).attach(trainer)
-    LearningRateLogger(writer, optimizer).attach(trainer)
+    if fitter is not None:
+
+        @trainer.on(Events.EPOCH_COMPLETED)
+        def _log_fit(engine: AEFlowTrainer) -> None:
+            for key, value in engine.state.metrics.items():
+                if key.startswith("fit_"):
+                    writer.add_scalar(f"fit/{key[4:]}", value, engine.state.epoch)
+
+    else:
+        TensorBoardStatsHandler(summary_writer=writer, output_transform=_losses, epoch_log=False).attach(trainer)
+        if config.progress:
+            StatsHandler(
+                name="monai_aeflow.train", output_transform=from_engine(["loss"], first=True), iteration_log=False
+            ).attach(trainer)
+        LearningRateLogger(writer, optimizer).attach(trainer)
 
     evaluator = None
     if val_loader is not None:
@@ -244,20 +266,30 @@ def create_engines(
     else:
         ModelExportHandler(network, model_path, model_cfg).attach(trainer, on_improvement=False)
 
-    config_state = ConfigState({**model_cfg, "model": dict(network.hparams), "model_name": spec.name})
-    save_dict: dict[str, Any] = {"network": network, "optimizer": optimizer, "trainer": trainer, "config": config_state}
-    if evaluator is not None:
-        save_dict["evaluator"] = BestMetricState(evaluator)
-    save_dict["rng"] = RandomState(getattr(train_loader, "generator", None))
-    # attached after the ValidationHandler: a checkpoint holds the validation result of its epoch
-    ResumableCheckpointSaver(out_dir, save_dict, save_interval=config.checkpoint_every).attach(trainer)
-    if resume is not None:
-        _resume(*resume, config, save_dict, train_loader)
+    if fitter is None:  # a one-pass fit has nothing to resume: model.pt is its only file
+        config_state = ConfigState({**model_cfg, "model": dict(network.hparams), "model_name": spec.name})
+        save_dict: dict[str, Any] = {
+            "network": network,
+            "optimizer": optimizer,
+            "trainer": trainer,
+            "config": config_state,
+        }
+        if evaluator is not None:
+            save_dict["evaluator"] = BestMetricState(evaluator)
+        save_dict["rng"] = RandomState(getattr(train_loader, "generator", None))
+        # attached after the ValidationHandler: a checkpoint holds the validation result of its epoch
+        ResumableCheckpointSaver(out_dir, save_dict, save_interval=config.checkpoint_every).attach(trainer)
+        if resume is not None:
+            _resume(*resume, config, save_dict, train_loader)
     if config.progress:
         from ignite.handlers import ProgressBar
 
-        trainer.progress_bar = ProgressBar(persist=False, desc="train")
-        trainer.progress_bar.attach(trainer, output_transform=lambda out: {"loss": float(out["loss"])})
+        if fitter is None:
+            trainer.progress_bar = ProgressBar(persist=False, desc="train")
+            trainer.progress_bar.attach(trainer, output_transform=lambda out: {"loss": float(out["loss"])})
+        else:
+            trainer.progress_bar = ProgressBar(persist=False, desc="fit")
+            trainer.progress_bar.attach(trainer)
 
     @trainer.on(Events.COMPLETED)
     def _close_writer(_: AEFlowTrainer) -> None:

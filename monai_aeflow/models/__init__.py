@@ -7,9 +7,10 @@ scorer (``score(network, x, beta, map_kind) -> {"score", "anomaly_map", "recon",
 anomalous). The trainer, :func:`monai_aeflow.inference.score_slices`, the checkpoint loader and
 ``aeflow-cli`` only talk to models through this interface.
 
-One file per model, as in anomalib: :mod:`.aeflow`, :mod:`.ae`, :mod:`.vae`, :mod:`.pchvae`, :mod:`.vqvae`
-(VQ-VAE and VQ-GAN), :mod:`.flow_only` and :mod:`.intensity` each hold the model's loss, its score and pixel
-map and its ``SPEC``; shared helpers are in :mod:`.common` and the :class:`ModelSpec` record in :mod:`.spec`.
+One file per model, as in anomalib: :mod:`.aeflow`, :mod:`.ae`, :mod:`.dae`, :mod:`.vae`, :mod:`.pchvae`,
+:mod:`.vqvae` (VQ-VAE and VQ-GAN), :mod:`.patchcore`, :mod:`.flow_only` and :mod:`.intensity` each hold the model's
+loss (or, for PatchCore, its one-pass fit), its score and pixel map and its ``SPEC``; shared helpers are in
+:mod:`.common` and the :class:`ModelSpec` record in :mod:`.spec`.
 The model files never import this module, so there is no import circle. :func:`build_model` builds a
 registered model for the data (channels, image size, backbone; ImageNet weights or a random encoder) and
 :func:`count_parameters` counts its parameters; they live here, not in a ``build.py`` of the package, because
@@ -32,14 +33,16 @@ from typing import Any
 from torch import nn
 
 from monai_aeflow.errors import AEFlowInputError
-from monai_aeflow.models import ae, aeflow, flow_only, intensity, pchvae, vae, vqvae
+from monai_aeflow.models import ae, aeflow, dae, flow_only, intensity, patchcore, pchvae, vae, vqvae
 from monai_aeflow.models.aeflow import aeflow_score
-from monai_aeflow.models.spec import LossFactory, ModelSpec, ScoreFn
+from monai_aeflow.models.spec import Fitter, FitterFactory, LossFactory, ModelSpec, ScoreFn
 
 __all__ = [
     "BUILTIN_MODELS",
     "BUILTIN_SPECS",
     "DEFAULT_MODEL",
+    "Fitter",
+    "FitterFactory",
     "LossFactory",
     "MODELS",
     "ModelSpec",
@@ -64,10 +67,12 @@ DEFAULT_MODEL = "aeflow"
 BUILTIN_SPECS: tuple[ModelSpec, ...] = (
     intensity.SPEC,
     ae.SPEC,
+    dae.SPEC,
     vae.SPEC,
     pchvae.SPEC,
     vqvae.VQVAE_SPEC,
     vqvae.VQGAN_SPEC,
+    patchcore.SPEC,
     flow_only.SPEC,
     aeflow.SPEC,
 )

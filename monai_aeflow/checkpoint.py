@@ -5,7 +5,8 @@ A model file is a dict of tensors, strings and numbers saved with ``torch.save``
 
     {"format": "monai-aeflow/1",
      "config": {"model": {...network kwargs...}, "model_name": "aeflow", "preprocessing": {...},
-                "score": {...}, "training": {...}},
+                "score": {...}, "training": {...},
+                "encoder_weights": {"backbone", "source", "file", "sha256"}},  # models with an encoder
      "network": state_dict,
      "threshold": float | None,
      "threshold_protocol": {...}}
@@ -29,9 +30,9 @@ import torch
 from monai_aeflow.errors import CheckpointError
 from monai_aeflow.fileio import atomic_write
 from monai_aeflow.model_config import validate_model_config
-from monai_aeflow.models import build_network, get_model_spec, model_name_of
+from monai_aeflow.models import build_network, encoder_weights_of, get_model_spec, model_name_of
 
-__all__ = ["FORMAT", "atomic_torch_save", "save_model", "read_checkpoint", "load_model"]
+__all__ = ["FORMAT", "atomic_torch_save", "save_model", "read_checkpoint", "load_model", "stored_encoder_weights"]
 
 FORMAT = "monai-aeflow/1"
 
@@ -71,6 +72,9 @@ def save_model(
     cfg = dict(config or {})
     cfg["model"] = dict(network.hparams)
     cfg["model_name"] = model_name_of(network)
+    record = encoder_weights_of(network)
+    if record is not None:
+        cfg["encoder_weights"] = record
     record = {
         "format": FORMAT,
         "config": cfg,
@@ -119,6 +123,29 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return dict(ckpt)
 
 
+def stored_encoder_weights(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The encoder weights a model was trained with, as stored in its file's configuration.
+
+    Model files written before the record existed name only the backbone (and, from ``aeflow-cli train``, the
+    weights option used); their ``file`` and ``sha256`` are None.
+
+    Args:
+        config: a model file's ``config``.
+
+    Returns:
+        ``{"backbone", "source", "file", "sha256"}``, or None for a model without an encoder.
+    """
+    if isinstance(config.get("encoder_weights"), Mapping):
+        return dict(config["encoder_weights"])
+    model = config.get("model") or {}
+    if "backbone" not in model:
+        return None
+    run_options = dict(config.get("training") or {}).get("run_options") or {}
+    used = run_options.get("backbone_weights_used") if isinstance(run_options, Mapping) else None
+    source = f"{used} (recorded before SHA-256s were stored)" if used else "not recorded"
+    return {"backbone": model["backbone"], "source": source, "file": None, "sha256": None}
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the registered model (AE-FLOW or a baseline) stored in a checkpoint and load its weights.
 
@@ -156,4 +183,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     if bad:
         raise CheckpointError(f"weights do not match the stored architecture (shape of {bad[0]})", path=path)
     net.load_state_dict(state)
+    record = stored_encoder_weights(ckpt["config"])
+    for module in net.modules():
+        if record is not None and hasattr(module, "weights_record"):
+            module.weights_record = record  # what the stored weights came from, kept when the model is saved again
     return net.to(device).eval(), ckpt

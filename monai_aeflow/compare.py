@@ -57,6 +57,7 @@ from monai_aeflow.models import (
     build_model,
     check_model_args,
     count_parameters,
+    describe_encoder_weights,
     get_model_spec,
 )
 
@@ -251,8 +252,7 @@ def _protocol_notes(cfg: CompareConfig, data: PreparedData, device: str, weights
             f"- preprocessing: {data.preprocessing}; slices with >= {cfg.data.min_area_fraction:g} of the largest "
             "brain area for training and slice-level metrics",
             f"- training: {cfg.epochs} epochs, batch {cfg.batch_size}, Adam lr {cfg.lr:g}, seed {cfg.seed}, "
-            f"device {device}"
-            + (f"; backbone {cfg.backbone} ({', '.join(sorted(set(weights)))} weights)" if weights else ""),
+            f"device {device}" + (f"; encoder {'; '.join(sorted(set(weights)))}" if weights else ""),
             f"- post-processing: {pp.residual} residual, brain mask eroded {pp.erosion_iterations}x, "
             f"{pp.median_size}x{pp.median_size} median ({pp.median_dims}D), components <= {pp.min_component_size} "
             f"voxels removed; threshold: {cfg.threshold_method} on the validation split",
@@ -382,7 +382,8 @@ def run_comparison(cfg: CompareConfig, say: Callable[[str], None] = logger.info)
             f"[{name}] trained in {row['train_seconds']:.1f} s; DICE_T {_fmt(row['dice_pooled'])}, pixel AUROC "
             f"{_fmt(row['pixel_auroc'])}, slice AUROC (score) {_fmt(row['slice_auroc_score'])}"
         )
-    weights = [r["info"]["backbone_weights"] for r in results.values() if r["info"]["backbone_weights"]]
+    weights = [describe_encoder_weights(r["info"].get("encoder_weights")) for r in results.values()]
+    weights = [w for w in weights if w]
     notes = _protocol_notes(cfg, data, str(device), weights)
     paths = write_comparison(rows, out, notes)
     split = {k: [str(r["subject_id"]) for r in v] for k, v in data.splits.items()}

@@ -275,6 +275,21 @@ POSTPROCESSING_RULES: dict[str, Check] = {
 :class:`~monai_aeflow.evaluation.postprocess.PostprocessConfig` that the scorer builds from it."""
 
 
+def _sha256_hex(v: Any) -> str | None:
+    if v is None or (isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)):
+        return None
+    return "expected 64 lower-case hexadecimal digits or null"
+
+
+ENCODER_WEIGHTS_RULES: dict[str, Check] = {
+    "backbone": _one_of(*BACKBONES),
+    "source": _string,
+    "file": _optional(_string),
+    "sha256": _sha256_hex,
+}
+"""Rules of the record of the encoder weights (``config["encoder_weights"]``, absent from older model files)."""
+
+
 # -- one function per concern ----------------------------------------------------------------------------
 
 
@@ -428,5 +443,11 @@ def validate_model_config(checkpoint: Mapping[str, Any], path: PathLike = None) 
     validate_preprocessing(config.get("preprocessing"), path)
     validate_score(config.get("score"), name, path)
     _mapping(config.get("training"), "config.training", path)
+    _apply(
+        ENCODER_WEIGHTS_RULES,
+        _mapping(config.get("encoder_weights"), "config.encoder_weights", path),
+        "config.encoder_weights",
+        path,
+    )
     validate_threshold(checkpoint.get("threshold"), path)
     validate_postprocessing(checkpoint.get("threshold_protocol"), path)

@@ -155,7 +155,7 @@ def test_brain_training_writes_model_checkpoint_and_tensorboard(brain: dict[str,
     assert (data / "cohort.csv").is_file() and len(list(data.glob("synth-*_image.nii.gz"))) == 8
     net, ckpt = load_model(root / "models" / "model.pt")
     cfg = ckpt["config"]
-    assert cfg["model_name"] == "aeflow" and cfg["model"]["backbone"] == "resnet18"
+    assert cfg["model_name"] == "aeflow" and cfg["model"]["backbone"] == "efficientnet_lite0"
     assert cfg["preprocessing"]["spatial_size"] == [32, 32] and cfg["score"]["beta"] == 0.9
     assert "val_auroc" in cfg["training"]["metrics"] and cfg["training"]["epoch"] == 1
     assert net.flow.actnorm is None or bool(net.flow.actnorm.initialized)

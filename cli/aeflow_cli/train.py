@@ -19,20 +19,28 @@ __all__ = ["train", "backbone_options", "data_options"]
 _DATASETS = ("brats", "ixi", "atlas", "folder")
 
 
+BACKBONE_CHOICES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
+DEFAULT_BACKBONE = "efficientnet_lite0"
+BACKBONE_WEIGHTS_HELP = (
+    "'auto' (ImageNet weights of --backbone, downloaded or from the torch hub cache; else the pretrained "
+    "efficientnet_lite0, whose weights ship in a dependency, with a one-line notice), 'imagenet' (an error when "
+    "unavailable), 'none' (random encoder) or a local .pth file."
+)
+BACKBONE_HELP = (
+    "Encoder of aeflow / flowonly: efficientnet_lite0 (pretrained offline, CPU-sized), resnet18, wide_resnet50_2 "
+    "(the paper's, for a GPU)."
+)
+
+
 def backbone_options(fn: Any) -> Any:
-    """The encoder options shared by ``train`` and ``compare``."""
-    fn = click.option(
-        "--backbone-weights",
-        default="auto",
-        show_default=True,
-        help="'auto' (ImageNet if available, else random), 'imagenet', 'none' or a local .pth file.",
-    )(fn)
+    """The encoder options shared by ``train``, ``compare`` and ``demo``."""
+    fn = click.option("--backbone-weights", default="auto", show_default=True, help=BACKBONE_WEIGHTS_HELP)(fn)
     return click.option(
         "--backbone",
-        default="resnet18",
+        default=DEFAULT_BACKBONE,
         show_default=True,
-        type=click.Choice(["resnet18", "wide_resnet50_2", "efficientnet_lite0"]),
-        help="Encoder of aeflow / flowonly.",
+        type=click.Choice(BACKBONE_CHOICES),
+        help=BACKBONE_HELP,
     )(fn)
 
 

@@ -147,7 +147,7 @@ def run_training(
     weight_decay: float = 1e-5,
     device: str = "auto",
     seed: int = 0,
-    backbone: str = "resnet18",
+    backbone: str = "efficientnet_lite0",
     backbone_weights: str | None = "auto",
     model_args: Mapping[str, Any] | None = None,
     loss_options: Mapping[str, Any] | None = None,
@@ -174,8 +174,9 @@ def run_training(
         weight_decay: Adam weight decay.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         seed: seed of initialisation and training.
-        backbone: ResNet of the AE-FLOW family.
-        backbone_weights: see :func:`build_model`.
+        backbone: encoder of the AE-FLOW family (``efficientnet_lite0``: pretrained offline; ``resnet18``,
+            ``wide_resnet50_2``: ImageNet weights downloaded or from a local file).
+        backbone_weights: see :func:`build_model` (``"auto"`` never gives a random encoder).
         model_args: further network arguments.
         loss_options: options of the model's loss.
         validate: keep the model with the best slice AUROC on the validation split (when it has slices).
@@ -187,8 +188,8 @@ def run_training(
         training: further :class:`~monai_aeflow.engines.TrainingConfig` fields (``alpha``, ``beta``...).
 
     Returns:
-        The engine's summary plus ``model``, ``hparams``, ``parameters``, ``backbone_weights``, ``splits`` and
-        ``train_slices``.
+        The engine's summary plus ``model``, ``hparams``, ``parameters``, ``backbone_weights``, ``encoder_weights``
+        (the record of the exact weights, also stored in ``model.pt``), ``splits`` and ``train_slices``.
     """
     # fail before the data are prepared
     check_model_args(name, model_args)
@@ -203,6 +204,9 @@ def run_training(
         stored = ckpt["config"].get("training", {}).get("run_options") or {}
         weights_used = stored.get("backbone_weights_used", "checkpoint")
         backbone_weights = None  # the checkpoint holds the encoder's weights: never download them again
+        # the encoder the run was built with ("auto" may have switched it), and the record of its weights
+        backbone = dict(ckpt["config"].get("model") or {}).get("backbone", backbone)
+        record = stored.get("encoder_weights")
     else:
         check_output_dir(output_dir, overwrite=overwrite)
     prepared = prepare_data(data, output_dir, progress=progress, need_evaluation=False)
@@ -212,7 +216,13 @@ def run_training(
     )
     if resume is not None:
         info["backbone_weights"] = weights_used
+        if isinstance(record, Mapping):
+            info["encoder_weights"] = dict(record)
+            for module in net.modules():
+                if hasattr(module, "weights_record"):
+                    module.weights_record = dict(record)
     run_options["backbone_weights_used"] = info["backbone_weights"]
+    run_options["encoder_weights"] = info["encoder_weights"]
     params = count_parameters(net)
     val = None
     if validate and prepared.val:
@@ -246,6 +256,7 @@ def run_training(
         hparams=info["hparams"],
         parameters=params,
         backbone_weights=info["backbone_weights"],
+        encoder_weights=info["encoder_weights"],
         splits={k: [str(r["subject_id"]) for r in v] for k, v in prepared.splits.items()},
         train_slices=len(prepared.train),
         source=prepared.source,

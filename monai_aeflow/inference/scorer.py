@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 
-from monai_aeflow.checkpoint import load_model
+from monai_aeflow.checkpoint import load_model, stored_encoder_weights
 from monai_aeflow.data.checks import DEFAULT_MAX_VOXELS, IrregularSeriesError, check_dicom_series, check_voxel_limit
 from monai_aeflow.data.io import file_kind, reraise_input_errors
 from monai_aeflow.data.preprocessing import build_image_preprocessing, build_volume_preprocessing
@@ -205,6 +205,7 @@ class AnomalyScorer:
             "model_sha256": _sha256(self.model_path),
             "model_name": self.model_name,
             "network": dict(config["model"]),
+            "encoder_weights": stored_encoder_weights(config),
             "preprocessing": self.preprocessing_config,
             "score": {"beta": self.beta, "map_kind": self.map_kind},
             "format": self.checkpoint.get("format"),

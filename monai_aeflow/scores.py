@@ -32,18 +32,25 @@ MAP_KINDS = ("residual", "flow", "ssim")
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
+def _float32(x: torch.Tensor) -> torch.autocast:
+    """Autocast disabled on the tensor's device: SSIM's local (squared) means and the densities stay float32
+    whatever the caller's autocast (bfloat16 variances ``E[x^2] - E[x]^2`` cancel to noise)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def _ssim_full(x: torch.Tensor, y: torch.Tensor, win_size: int, sigma: float, data_range: float) -> torch.Tensor:
-    return compute_ssim_and_cs(
-        y_pred=x.float(),
-        y=y.float(),
-        spatial_dims=x.ndim - 2,
-        kernel_size=[win_size] * (x.ndim - 2),
-        kernel_sigma=[sigma] * (x.ndim - 2),
-        data_range=data_range,
-        kernel_type=KernelType.GAUSSIAN,
-        k1=0.01,
-        k2=0.03,
-    )[0]
+    with _float32(x):
+        return compute_ssim_and_cs(
+            y_pred=x.float(),
+            y=y.float(),
+            spatial_dims=x.ndim - 2,
+            kernel_size=[win_size] * (x.ndim - 2),
+            kernel_sigma=[sigma] * (x.ndim - 2),
+            data_range=data_range,
+            kernel_type=KernelType.GAUSSIAN,
+            k1=0.01,
+            k2=0.03,
+        )[0]
 
 
 def ssim(
@@ -99,12 +106,14 @@ def _pad_symmetric(x: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 def _mean_log_density(z_prime: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
-    return (-0.5 * z_prime.float().pow(2) - 0.5 * _LOG_2PI).mean(dim)
+    with _float32(z_prime):
+        return (-0.5 * z_prime.float().pow(2) - 0.5 * _LOG_2PI).mean(dim)
 
 
 def flow_score(z_prime: torch.Tensor) -> torch.Tensor:
     """``S_flow = -exp(mean_d log N(z'_d; 0, 1))`` per image, shape (B,)."""
-    return -torch.exp(_mean_log_density(z_prime, dim=tuple(range(1, z_prime.ndim))))
+    with _float32(z_prime):
+        return -torch.exp(_mean_log_density(z_prime, dim=tuple(range(1, z_prime.ndim))))
 
 
 def recon_score(x: torch.Tensor, x_rec: torch.Tensor, win_size: int = 11) -> torch.Tensor:
@@ -163,8 +172,9 @@ def residual_map(x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
 
 def flow_map(z_prime: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Per-location negative density ``-exp(mean_c log N(z'_c))``, bilinearly upsampled to ``size``."""
-    local = -torch.exp(_mean_log_density(z_prime, dim=1)).unsqueeze(1)
-    return F.interpolate(local, size=size, mode="bilinear", align_corners=False)
+    with _float32(z_prime):
+        local = -torch.exp(_mean_log_density(z_prime, dim=1)).unsqueeze(1)
+        return F.interpolate(local, size=size, mode="bilinear", align_corners=False)
 
 
 def ssim_anomaly_map(x: torch.Tensor, x_rec: torch.Tensor, win_size: int = 11) -> torch.Tensor:

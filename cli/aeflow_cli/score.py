@@ -59,6 +59,7 @@ def _run(
     max_voxels: int,
     accept_irregular_series: bool,
     dicom_out: bool = False,
+    amp_dtype: str | None = None,
 ) -> list[dict[str, Any]]:
     from monai_aeflow.data.io import file_kind
     from monai_aeflow.errors import AEFlowInputError
@@ -93,6 +94,7 @@ def _run(
             threshold=threshold,
             max_voxels=max_voxels,
             accept_irregular_series=accept_irregular_series,
+            amp_dtype=amp_dtype,
         )
         if workers is None:
             workers = 2 if scorer.device.type == "cuda" else 1
@@ -172,6 +174,13 @@ def _run(
     help="Also write NAME_seg.dcm (the lesion mask as DICOM SEG) and NAME_pmap.dcm (the anomaly map as a DICOM "
     "Parametric Map), referencing the source series; DICOM series inputs only (needs highdicom: the dicom extra).",
 )
+@click.option(
+    "--amp-dtype",
+    type=click.Choice(["bfloat16", "float16", "none"]),
+    default=None,
+    help="Autocast precision of the network (default: bfloat16 on CUDA, none on CPU). Flow densities, "
+    "log-determinants and SSIM are float32 whatever it is.",
+)
 def score(
     paths: tuple[str, ...],
     model: str,
@@ -187,6 +196,7 @@ def score(
     max_voxels: int,
     accept_irregular_series: bool,
     dicom_out: bool,
+    amp_dtype: str | None,
 ) -> None:
     """Score volumes and images: anomaly map, lesion mask, scores JSON and preview per input.
 
@@ -205,7 +215,7 @@ def score(
     """
     rows = run_guarded(
         _run, paths, model, out, device, batch_size, threshold, mask, overwrite, workers, not no_preview, quiet,
-        max_voxels, accept_irregular_series, dicom_out,
+        max_voxels, accept_irregular_series, dicom_out, amp_dtype,
     )  # fmt: skip
     failed = [r for r in rows if r["status"] != "ok"]
     if not quiet and len(rows) > 1:

@@ -127,6 +127,7 @@ class AEFlowTrainer(_QuietInterrupt, SupervisedTrainer):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("decollate", False)
+        kwargs.setdefault("amp_kwargs", {"dtype": torch.bfloat16})  # float16 overflows in the flow
         super().__init__(
             device=torch.device(device),
             max_epochs=max_epochs,
@@ -249,6 +250,7 @@ class AEFlowEvaluator(_QuietInterrupt, SupervisedEvaluator):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("decollate", False)
+        kwargs.setdefault("amp_kwargs", {"dtype": torch.bfloat16})  # float16 overflows in the flow
         super().__init__(device=torch.device(device), val_data_loader=val_data_loader, network=network, **kwargs)
         self.beta = beta
         self.map_kind = map_kind

@@ -31,7 +31,7 @@ from monai_aeflow.checkpoint import load_model, stored_encoder_weights
 from monai_aeflow.data.checks import DEFAULT_MAX_VOXELS, IrregularSeriesError, check_dicom_series, check_voxel_limit
 from monai_aeflow.data.io import file_kind, reraise_input_errors
 from monai_aeflow.data.preprocessing import build_image_preprocessing, build_volume_preprocessing
-from monai_aeflow.device import resolve_device
+from monai_aeflow.device import resolve_amp_dtype, resolve_device
 from monai_aeflow.errors import AEFlowInputError, CheckpointError
 from monai_aeflow.evaluation.postprocess import PostprocessConfig, postprocess_map, segment
 from monai_aeflow.inference.outputs import _KINDS, _sha256, output_name
@@ -146,7 +146,10 @@ class AnomalyScorer:
         batch_size: slices per forward pass (``None``: 32 on CUDA, about 262k pixels per batch on CPU, see
             :func:`~monai_aeflow.inference.default_batch_size`).
         threshold: binarisation threshold of the post-processed map (default: the model's, if any).
-        amp: float16 autocast (default: on for CUDA).
+        amp: autocast on CUDA (default: on); see ``amp_dtype``.
+        amp_dtype: autocast dtype, ``"bfloat16"`` (the CUDA default), ``"float16"`` or ``"none"``; None: the
+            device's default (see :func:`~monai_aeflow.device.resolve_amp_dtype`). The flow's densities and
+            log-determinants and the SSIM term are float32 whatever the autocast.
         min_brain_voxels: axial slices with fewer brain voxels than this are not scored (map 0, score null).
         postprocessing: overrides of the stored post-processing (see
             :class:`~monai_aeflow.evaluation.postprocess.PostprocessConfig`).
@@ -171,6 +174,7 @@ class AnomalyScorer:
         postprocessing: Mapping[str, Any] | None = None,
         max_voxels: int | None = DEFAULT_MAX_VOXELS,
         accept_irregular_series: bool = False,
+        amp_dtype: str | None = None,
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise AEFlowInputError(f"batch size must be at least 1, got {batch_size}")
@@ -191,6 +195,7 @@ class AnomalyScorer:
         self.in_channels = int(config["model"].get("in_channels", 1))
         self.batch_size = None if batch_size is None else int(batch_size)
         self.amp = amp
+        self.amp_dtype = resolve_amp_dtype(amp_dtype, self.device, amp)
         self.min_brain_voxels = int(min_brain_voxels)
         stored = self.checkpoint.get("threshold")
         self.threshold = float(threshold) if threshold is not None else (None if stored is None else float(stored))
@@ -343,7 +348,7 @@ class AnomalyScorer:
                     batch_size=self.batch_size,
                     beta=self.beta,
                     map_kind=self.map_kind,
-                    amp=self.amp,
+                    amp_dtype=self.amp_dtype or "none",
                 ),
                 timings,
             )
@@ -386,7 +391,7 @@ class AnomalyScorer:
                 self.batch_size,
                 self.beta,
                 self.map_kind,
-                amp=self.amp,
+                amp_dtype=self.amp_dtype or "none",
             ),
             timings,
         )

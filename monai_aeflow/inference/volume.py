@@ -10,6 +10,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import DivisiblePad
 
+from monai_aeflow.device import autocast, resolve_amp_dtype
 from monai_aeflow.models import spec_of
 from monai_aeflow.scores import combined_score, recon_score
 
@@ -87,6 +88,7 @@ def score_slices(
     beta: float = 0.9,
     map_kind: str = "residual",
     amp: bool | None = None,
+    amp_dtype: str | torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run a registered 2D model (AE-FLOW by default) on a stack of images in batches, without a per-image loop.
 
@@ -97,7 +99,10 @@ def score_slices(
         batch_size: images per forward pass (``None``: :func:`default_batch_size`).
         beta: weight of the flow score.
         map_kind: pixel map kind (``residual``, ``flow``, ``ssim``).
-        amp: autocast to float16 (default: on for CUDA).
+        amp: autocast on CUDA (default: on); ignored when ``amp_dtype`` is given.
+        amp_dtype: ``"bfloat16"`` (the CUDA default), ``"float16"``, ``"none"`` or None (the device's default,
+            see :func:`~monai_aeflow.device.resolve_amp_dtype`); an explicit dtype applies on CPU too. The flow's
+            densities, log-determinants and the SSIM term are computed in float32 whatever the autocast.
 
     Returns:
         ``{"anomaly_map": (N, 1, H, W), "reconstruction": (N, C, H, W), "score": (N,)}`` plus the model's
@@ -106,7 +111,7 @@ def score_slices(
     network.eval()
     spec = spec_of(network)
     device = next(network.parameters()).device
-    use_amp = device.type == "cuda" if amp is None else (amp and device.type == "cuda")
+    dtype = resolve_amp_dtype(amp_dtype, device, amp)
     # channels-last is faster on CUDA and on CPU (oneDNN) once the weights are channels-last too
     # (AnomalyScorer converts the network; a contiguous network still gives the same numbers)
     fmt = torch.channels_last
@@ -118,7 +123,7 @@ def score_slices(
     chunks: dict[str, list[torch.Tensor]] = {}
     for start in range(0, padded.shape[0], batch_size):
         x = padded[start : start + batch_size].to(device, non_blocking=True).contiguous(memory_format=fmt)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+        with autocast(device, dtype):
             out = spec.score(network, x, beta=beta, map_kind=map_kind)
         if any(pad for pad in (left, right, top, bottom)) and "score_recon" in out:
             # the reconstruction term is computed on the unpadded image, as in training
@@ -140,6 +145,7 @@ def score_volume(
     beta: float = 0.9,
     map_kind: str = "residual",
     amp: bool | None = None,
+    amp_dtype: str | torch.dtype | None = None,
 ) -> VolumeResult:
     """Score every (or the selected) axial slice of a preprocessed volume with a 2D AE-FLOW model.
 
@@ -151,6 +157,7 @@ def score_volume(
         beta: weight of the flow score.
         map_kind: pixel map kind.
         amp: autocast on CUDA.
+        amp_dtype: autocast dtype (see :func:`score_slices`).
 
     Returns:
         A :class:`VolumeResult` on the volume's grid.
@@ -163,7 +170,7 @@ def score_volume(
     c, x, y, z = vol.shape
     idx = np.arange(z) if slices is None else np.asarray(slices, dtype=int)
     stack = vol[..., idx].permute(3, 0, 1, 2)  # (N, C, X, Y)
-    out: dict[str, Any] = score_slices(network, stack, batch_size, beta, map_kind, amp)
+    out: dict[str, Any] = score_slices(network, stack, batch_size, beta, map_kind, amp, amp_dtype)
     amap = np.zeros((x, y, z), np.float32)
     rec = np.zeros((x, y, z), np.float32)
     per_slice = {}

@@ -1,13 +1,40 @@
-"""The AE-FLOW bottleneck: a FrEIA sequence of ``AllInOneBlock`` affine coupling blocks."""
+"""The AE-FLOW bottleneck: a FrEIA sequence of ``AllInOneBlock`` affine coupling blocks.
+
+Numerics under autocast: the flow's log-determinant and its output ``z'`` (whose squares are the density)
+are computed in float32 whatever the autocast. The coupling arithmetic (clamped ``exp``, shift, global
+affine, log-det sums) and the channel permutation (a gather, exact) run with autocast disabled; the coupling
+subnets' convolutions run in the autocast dtype when it is bfloat16 (float32's exponent range) and in float32
+when it is float16, whose range (65504) the hidden activations and log-det sums of wide features exceed.
+"""
 
 from __future__ import annotations
+
+import contextlib
 
 import FrEIA.framework as Ff
 import FrEIA.modules as Fm
 import torch
 from torch import nn
 
-__all__ = ["SUBNETS", "ConvSubnet", "ResNetSubnet", "ActNorm", "NormalizingFlow"]
+__all__ = ["SUBNETS", "ConvSubnet", "ResNetSubnet", "ActNorm", "CouplingBlock", "NormalizingFlow"]
+
+
+def _float32(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast disabled on the tensor's device type (the enclosed code runs in float32)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is float16 / bfloat16 (float64 stays float64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _subnet_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """float32 under float16 autocast (overflow beyond 65504); the autocast dtype otherwise."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16:
+        return _float32(x)
+    return contextlib.nullcontext()
 
 
 class ConvSubnet(nn.Sequential):
@@ -26,6 +53,10 @@ class ConvSubnet(nn.Sequential):
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, out_channels, 1),
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _subnet_precision(x):
+            return _full(super().forward(_full(x)))
 
 
 class ResNetSubnet(nn.Module):
@@ -46,10 +77,52 @@ class ResNetSubnet(nn.Module):
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.main(x) + self.shortcut(x)
+        with _subnet_precision(x):
+            x = _full(x)
+            return _full(self.main(x) + self.shortcut(x))
 
 
 SUBNETS: dict[str, type[nn.Module]] = {"conv": ConvSubnet, "resnet": ResNetSubnet}
+
+
+class CouplingBlock(Fm.AllInOneBlock):
+    """FrEIA's ``AllInOneBlock`` with its affine coupling, global affine and log-determinant in float32 and its
+    hard channel permutation as an exact gather (same parameters and state-dict keys as the FrEIA block).
+
+    FrEIA applies the permutation as a 1x1 convolution with a one-hot matrix: under autocast (or TF32) that
+    rounds every ``z'`` to the reduced precision, and it costs a ``C x C`` matrix product per pixel. Blocks
+    built with ``permute_soft=True`` (a dense orthogonal matrix) keep the convolution, in float32.
+
+    Args:
+        dims_in: FrEIA's input dimensions.
+        dims_c: FrEIA's condition dimensions.
+        permute_soft: a dense random orthogonal matrix instead of a hard permutation.
+        kwargs: the other ``AllInOneBlock`` arguments.
+    """
+
+    def __init__(self, dims_in: list, dims_c: list | None = None, permute_soft: bool = False, **kwargs) -> None:
+        super().__init__(dims_in, dims_c or [], permute_soft=permute_soft, **kwargs)
+        self.hard_permutation = not permute_soft
+
+    def _affine(self, x: torch.Tensor, a: torch.Tensor, rev: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        with _float32(x):
+            return super()._affine(_full(x), _full(a), rev)
+
+    def _permute(self, x: torch.Tensor, rev: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        with _float32(x):
+            x = _full(x)
+            if self.GIN or self.householder or not self.hard_permutation:
+                return super()._permute(x, rev)
+            scale = self.global_scale_activation(self.global_scale)
+            log_jac = torch.sum(torch.log(scale))
+            if rev:
+                return (self._gather(x, self.w_perm_inv) - self.global_offset) / scale, log_jac
+            return self._gather(x * scale + self.global_offset, self.w_perm), log_jac
+
+    @staticmethod
+    def _gather(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # output channel i of conv2d(x, w) with one-hot rows is input channel argmax(w[i])
+        return x.index_select(1, w[:, :, 0, 0].argmax(1))
 
 
 class ActNorm(nn.Module):
@@ -139,7 +212,7 @@ class NormalizingFlow(nn.Module):
         self.inn = Ff.SequenceINN(channels, 1, 1)
         for _ in range(n_blocks):
             self.inn.append(
-                Fm.AllInOneBlock,
+                CouplingBlock,
                 subnet_constructor=constructor,
                 affine_clamping=affine_clamping,
                 global_affine_type="SOFTPLUS",
@@ -167,16 +240,21 @@ class NormalizingFlow(nn.Module):
         Returns:
             z' of the same shape and the log-determinant of the Jacobian per sample, shape (B,).
         """
+        z = _full(z)
         if self.actnorm is None:
             return self.inn(z)
-        z, log_det_norm = self.actnorm(z)
+        with _float32(z):
+            z, log_det_norm = self.actnorm(z)
         z_prime, log_det = self.inn(z)
         return z_prime, log_det + log_det_norm
 
     def inverse(self, z_prime: torch.Tensor) -> torch.Tensor:
         """Map latents back to features (the inverse of :meth:`forward`)."""
-        z, _ = self.inn(z_prime, rev=True)
-        return z if self.actnorm is None else self.actnorm.inverse(z)
+        z, _ = self.inn(_full(z_prime), rev=True)
+        if self.actnorm is None:
+            return z
+        with _float32(z):
+            return self.actnorm.inverse(z)
 
     @property
     def needs_initialization(self) -> bool:

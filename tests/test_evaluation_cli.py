@@ -89,7 +89,7 @@ def test_evaluate_end_to_end(splits, tmp_path):
     saved = json.loads((out / "metrics.json").read_text())
     assert printed == saved
     protocol = saved["protocol"]
-    assert protocol["threshold"]["method"] == "greedy" and protocol["threshold"]["source"] == "validation split"
+    assert protocol["threshold"]["method"] == "sweep" and protocol["threshold"]["source"] == "validation split"
     assert protocol["threshold"]["validation_cases"] == ["sub01", "sub02", "sub03"]
     assert protocol["splits"]["test"]["cases"] == ["sub11", "sub12", "sub13", "sub14"]
     assert protocol["postprocessing"]["median_size"] == 5 and protocol["postprocessing"]["min_component_size"] == 7
@@ -113,13 +113,13 @@ def test_evaluate_end_to_end(splits, tmp_path):
     assert not list(out.glob(".*"))  # no hidden temporary file left
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     dice_row = next(r for r in rows if r["level"] == "pixel" and r["metric"] == "dice_pooled")
-    assert dice_row["threshold_source"] == "greedy Dice search on the validation split"
+    assert dice_row["threshold_source"] == "exact Dice maximum on the validation split"
     assert float(dice_row["threshold"]) == pytest.approx(protocol["threshold"]["value"])
     assert dice_row["median_size"] == "5" and dice_row["split"] == "test"
     # The threshold went into the model file, readable with weights_only=True.
     stored = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert stored["threshold"] == pytest.approx(protocol["threshold"]["value"])
-    assert stored["threshold_protocol"]["method"] == "greedy"
+    assert stored["threshold_protocol"]["method"] == "sweep"
     assert stored["threshold_protocol"]["postprocessing"]["median_size"] == 5
     assert torch.equal(stored["network"]["decoder.weight"], torch.zeros(3))
 

@@ -166,7 +166,7 @@ def test_empty_validation_labels_raise():
 
 
 def test_thresholds_never_come_from_the_test_split(monkeypatch):
-    cfg = EvaluationConfig(n_bootstrap=0, n_thresholds=256)
+    cfg = EvaluationConfig(n_bootstrap=0, n_thresholds=256, threshold_method="greedy")
     val = [_case(i) for i in range(3)]
     test = [_case(100 + i, lesion=i != 1) for i in range(3)]
     seen: list[list[str]] = []

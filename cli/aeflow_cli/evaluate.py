@@ -143,7 +143,7 @@ def _run(opts: dict[str, Any]) -> None:
         if method not in (None, "fixed"):
             raise AEFlowInputError(f"--threshold gives a fixed threshold; it cannot be combined with --method {method}")
         method = "fixed"
-    method = method or "greedy"
+    method = method or "sweep"
     if opts["checkpoint"] is not None and method == "fixed":
         raise AEFlowInputError("--checkpoint stores a threshold chosen on validation; not with a fixed --threshold")
     pp = PostprocessConfig(
@@ -211,7 +211,8 @@ def _run(opts: dict[str, Any]) -> None:
 
 Maps, labels and brain masks are matched by file name. Give each split as a folder holding maps/, labels/
 and masks/ (--val, --test), or folder by folder (--val-maps, --val-labels, --val-masks, ...). The
-binarisation threshold is chosen on the validation split only (greedy Dice search by default), then test
+binarisation threshold is chosen on the validation split only (by default the exact maximiser of the validation
+Dice over all thresholds; --method greedy: the seed thesis' interval search), then test
 Dice (pooled and per volume), pixel AUROC/AUPRC over brain voxels, slice- and volume-level AUROC/AUPRC and
 F1/ACC/SEN/SPE at the best-F1 threshold are written with bootstrap 95% CIs to the output folder
 (metrics.json, metrics.csv, cases.csv, plots); a folder that already holds a report needs --overwrite.
@@ -291,9 +292,10 @@ Example:
 @click.option(
     "--method",
     "threshold_method",
-    type=click.Choice(["greedy", "fpr", "fixed"]),
+    type=click.Choice(["sweep", "greedy", "fpr", "fixed"]),
     default=None,
-    help="Threshold choice on validation: greedy Dice search (default) or a target false-positive rate.",
+    help="Threshold choice on validation: sweep (default: the exact validation-Dice maximum), greedy (the "
+    "seed thesis' interval search) or fpr (a target false-positive rate).",
 )
 @click.option("--threshold", type=float, default=None, help="Use this fixed threshold (no validation split needed).")
 @click.option(

@@ -37,6 +37,7 @@ from monai_aeflow.evaluation.postprocess import (
     PostprocessConfig,
     apply_residual_mode,
     binarize,
+    component_opening,
     erode_mask_per_slice,
     median_filter,
     postprocess_map,
@@ -47,15 +48,18 @@ from monai_aeflow.evaluation.report import check_report_folder, write_report
 from monai_aeflow.evaluation.sweep import SweepCounts, dice_sweep, exceedance_counts, sweep_counts, threshold_grid
 from monai_aeflow.evaluation.thresholds import (
     GreedySearchResult,
+    SweepSearchResult,
     greedy_threshold_search,
     oracle_threshold,
     pooled_dice_objective,
+    sweep_threshold,
     threshold_at_fpr,
 )
 
 __all__ = [
     "EvaluationConfig",
     "GreedySearchResult",
+    "SweepSearchResult",
     "PostprocessConfig",
     "PreparedCase",
     "SweepCounts",
@@ -87,12 +91,14 @@ __all__ = [
     "prepare_case",
     "prepare_cases",
     "remove_small_components",
+    "component_opening",
     "result_to_json",
     "roc_auc",
     "save_threshold",
     "segment",
     "select_threshold",
     "sweep_counts",
+    "sweep_threshold",
     "threshold_at_fpr",
     "threshold_grid",
     "threshold_protocol",

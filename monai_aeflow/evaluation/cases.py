@@ -15,7 +15,12 @@ from typing import Any
 import numpy as np
 
 from monai_aeflow.errors import AEFlowInputError
-from monai_aeflow.evaluation.postprocess import PostprocessConfig, postprocess_map, remove_small_components
+from monai_aeflow.evaluation.postprocess import (
+    PostprocessConfig,
+    component_opening,
+    postprocess_map,
+    remove_small_components,
+)
 
 __all__ = ["PreparedCase", "prepare_case"]
 
@@ -118,6 +123,29 @@ class PreparedCase:
         box[brain] = pred[: self.n_brain]
         box[extra] = pred[self.n_brain :]
         box = remove_small_components(
+            box, config.min_component_size, config.effective_component_dims, config.component_connectivity
+        )
+        return np.concatenate([box[brain], box[extra]])
+
+    def opened_scores(self, config: PostprocessConfig) -> np.ndarray:
+        """Scores whose exceedance sets are the cleaned predictions at every threshold.
+
+        ``opened_scores(config) > t`` equals :meth:`predict` ``(t, config)`` for every ``t >= 0`` (see
+        :func:`~monai_aeflow.evaluation.postprocess.component_opening`).
+
+        Args:
+            config: post-processing parameters (component removal).
+
+        Returns:
+            float32 values in the order of :attr:`scores`.
+        """
+        if config.min_component_size <= 0 or not self.scores.any():
+            return self.scores.copy()
+        brain, extra = self._masks()
+        box = np.zeros(self.box_shape, dtype=np.float32)
+        box[brain] = self.scores[: self.n_brain]
+        box[extra] = self.scores[self.n_brain :]
+        box = component_opening(
             box, config.min_component_size, config.effective_component_dims, config.component_connectivity
         )
         return np.concatenate([box[brain], box[extra]])

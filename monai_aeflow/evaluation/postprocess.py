@@ -30,6 +30,7 @@ __all__ = [
     "median_filter",
     "binarize",
     "remove_small_components",
+    "component_opening",
     "postprocess_map",
     "segment",
 ]
@@ -238,6 +239,50 @@ def remove_small_components(binary: np.ndarray, max_size: int = 7, dims: int = 2
     out = np.zeros_like(vol)
     out[box] = kept
     return out.reshape(b.shape)
+
+
+def component_opening(score: np.ndarray, max_size: int = 7, dims: int = 2, connectivity: int = 1) -> np.ndarray:
+    """The map whose level sets are the cleaned binarisations of ``score`` at every threshold.
+
+    An area opening (scikit-image :func:`~skimage.morphology.area_opening` with an area of ``max_size + 1``,
+    per axial slice for ``dims=2``): for every threshold ``t >= 0``,
+    ``component_opening(score) > t`` equals ``remove_small_components(score > t, max_size, dims, connectivity)``
+    for a non-negative ``score``. One opening thus gives the cleaned segmentation at all thresholds at once,
+    which makes the exact Dice-maximising threshold cheap to find.
+
+    Args:
+        score: non-negative ``(X, Y, Z)`` or ``(X, Y)`` map.
+        max_size: components with at most this many voxels are removed; 0 returns a copy.
+        dims: 2 for components within each axial slice, 3 for components in the volume.
+        connectivity: 1 (face neighbours) up to the number of dimensions (all neighbours).
+
+    Returns:
+        The opened map (float32), same shape as ``score``, ``0 <= opened <= score``.
+    """
+    from skimage.morphology import area_opening
+
+    s = np.asarray(score, dtype=np.float32)
+    if max_size <= 0 or not s.any():
+        return s.copy()
+    if dims not in (2, 3):
+        raise AEFlowInputError(f"component dims must be 2 or 3, got {dims}")
+    vol = _as_volume(s)
+    out = np.zeros_like(vol)
+    box = _bounding_box(vol != 0)
+    sub = vol[box]
+    if dims == 3:
+        out[box] = area_opening(sub, area_threshold=max_size + 1, connectivity=min(connectivity, 3))
+    else:
+        opened = np.zeros_like(sub)
+        for k in range(sub.shape[2]):
+            plane = sub[:, :, k]
+            if plane.any():
+                pb = _bounding_box(plane != 0)  # components never reach beyond the plane's non-zero box
+                opened[:, :, k][pb] = area_opening(
+                    plane[pb], area_threshold=max_size + 1, connectivity=min(connectivity, 2)
+                )
+        out[box] = opened
+    return out.reshape(s.shape)
 
 
 def postprocess_map(residual: np.ndarray, brain_mask: np.ndarray | None, config: PostprocessConfig) -> np.ndarray:

@@ -105,6 +105,8 @@ _CSV_COLUMNS = (
 
 def _threshold_source(info: Mapping[str, Any]) -> str:
     method = info.get("method", "?")
+    if method == "sweep":
+        return "exact Dice maximum on the validation split"
     if method == "greedy":
         return "greedy Dice search on the validation split"
     if method == "fpr":

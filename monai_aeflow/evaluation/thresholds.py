@@ -1,5 +1,8 @@
 """Choosing the binarisation threshold of anomaly maps on a validation split (never on the test split).
 
+- :func:`sweep_threshold`: the exact maximiser of the pooled validation Dice of the full pipeline
+  (binarisation and component removal) over all thresholds: the cleaned segmentation only changes at the
+  distinct values of the component-opened map, and the Dice at each of them comes from one sorted count.
 - :func:`greedy_threshold_search`: the interval search of the brain MRI protocol. Start from ``[0, max]``,
   evaluate the objective (pooled Dice) at the 25% and 75% points, keep the half on the side of the better
   point, repeat 10 times; the best evaluated threshold wins.
@@ -29,6 +32,8 @@ from monai_aeflow.evaluation.postprocess import PostprocessConfig
 from monai_aeflow.evaluation.sweep import sweep_counts, threshold_grid
 
 __all__ = [
+    "SweepSearchResult",
+    "sweep_threshold",
     "GreedySearchResult",
     "greedy_threshold_search",
     "pooled_dice_objective",
@@ -99,6 +104,64 @@ def greedy_threshold_search(
     values = np.array([np.nan_to_num(v, nan=-np.inf) for _, v in trace])
     k = int(np.argmax(values))
     return GreedySearchResult(trace[k][0], trace[k][1], float(low), float(high), steps, trace)
+
+
+@dataclass
+class SweepSearchResult:
+    """Outcome of :func:`sweep_threshold`.
+
+    Attributes:
+        threshold: the chosen threshold (midway between the best candidate and the next larger one).
+        score: the pooled Dice at that threshold (the maximum over all thresholds).
+        candidate: the best candidate (a value of the opened validation maps); every threshold in
+            ``[candidate, next_value)`` gives the same segmentation.
+        next_value: the next larger distinct value (``candidate`` when there is none).
+        n_candidates: the number of distinct thresholds compared.
+    """
+
+    threshold: float
+    score: float
+    candidate: float
+    next_value: float
+    n_candidates: int
+
+
+def sweep_threshold(cases: Sequence[PreparedCase], config: PostprocessConfig) -> SweepSearchResult:
+    """The threshold that maximises the pooled Dice of the full pipeline over the cases, exactly.
+
+    The cleaned segmentation at ``t`` is ``opened > t`` with the component-opened scores
+    (:meth:`PreparedCase.opened_scores`), so it only changes at the distinct opened values; the pooled Dice is
+    computed at each of them (and at 0) from sorted counts. Ties go to the smallest threshold. The returned
+    threshold lies midway between the best value and the next larger one (same validation segmentation,
+    furthest from both ends).
+
+    Args:
+        cases: the prepared validation cases.
+        config: post-processing parameters.
+
+    Returns:
+        The :class:`SweepSearchResult`.
+
+    Raises:
+        AEFlowInputError: when no case has lesion voxels.
+    """
+    if not any(c.n_lesion for c in cases):
+        raise AEFlowInputError(
+            "the validation labels are empty: the Dice threshold search needs validation volumes with lesions"
+        )
+    opened = [c.opened_scores(config) for c in cases]
+    values = np.unique(np.concatenate([np.zeros(1, np.float32), *opened]).astype(np.float64))
+    values = values[values >= 0]
+    sc = sweep_counts(opened, [c.labels for c in cases], values)
+    dice = dice_from_counts(sc.tp.sum(0), sc.fp.sum(0), sc.fn.sum(0))
+    dice = np.nan_to_num(np.asarray(dice, dtype=np.float64), nan=-np.inf)
+    k = int(np.argmax(dice))
+    nxt = float(values[k + 1]) if k + 1 < values.size else float(values[k])
+    # Scores are float32 and compared in float32: the midpoint must be a float32 strictly below the next value.
+    threshold = float(np.float32(0.5 * (float(values[k]) + nxt)))
+    if not values[k] <= threshold < nxt:
+        threshold = float(values[k])  # adjacent float32 values (or the largest value): nothing in between
+    return SweepSearchResult(threshold, float(dice[k]), float(values[k]), nxt, int(values.size))
 
 
 def pooled_dice_objective(cases: Sequence[PreparedCase], config: PostprocessConfig) -> Callable[[float], float]:

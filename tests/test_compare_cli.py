@@ -98,7 +98,7 @@ def test_compare_synthetic_end_to_end(tmp_path):
     assert rows[0]["slice_auroc_score"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
 
     summary = json.loads((out / "comparison.json").read_text())
-    assert summary["data"]["splits"]["train"] == ["synth-000", "synth-001"]
+    assert summary["data"]["splits"]["train"] == ["synth-000", "synth-002"]  # seeded split
     assert summary["results"]["vae"]["evaluation"]["protocol"]["threshold"]["source"] == "validation split"
 
 
@@ -136,7 +136,7 @@ def test_train_cli_trains_a_baseline_and_saves_it(tmp_path):
     assert isinstance(model, ConvAutoEncoder)
     assert ckpt["config"]["training"]["loss_options"] == {"recon_loss": "l1"}
     assert ckpt["config"]["preprocessing"]["spatial_size"] == [64, 64]
-    assert summary["splits"]["train"] == ["synth-000", "synth-001"]
+    assert summary["splits"]["train"] == ["synth-000", "synth-002"]
 
     res = _invoke(["train", "--model", "intensity", *TINY, "--out", str(tmp_path / "int"), "--json", "-q"])
     assert res.exit_code == 0, res.output

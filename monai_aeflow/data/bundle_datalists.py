@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from monai_aeflow.data.checks import check_data_files
+from monai_aeflow.data.datalists import split_healthy_and_lesioned
 from monai_aeflow.data.indexers import index_dataset, index_image_folder_2d, make_record
 from monai_aeflow.data.isic import index_isic, is_isic_folder
 from monai_aeflow.data.splits import SPLIT_NAMES, read_split_csv, split_by_subject
@@ -246,14 +247,9 @@ def _index_brain(root: Path, kind: str, modality: str | None) -> tuple[str, list
 def _split_synthetic(
     healthy: Sequence[Mapping[str, Any]], lesioned: Sequence[Mapping[str, Any]], fractions: Sequence[float], seed: int
 ) -> dict[str, list[dict[str, Any]]]:
-    """Healthy subjects go to all three splits, lesioned ones to validation and test only (IXI -> BraTS style)."""
-    _, f_val, f_test = _fractions(fractions)
-    parts = []
-    if healthy:
-        parts.append(split_by_subject(healthy, fractions, seed))
-    if lesioned:
-        parts.append(split_by_subject(lesioned, (0.0, f_val, f_test), seed))
-    return {name: [r for p in parts for r in p[name]] for name in SPLIT_NAMES}
+    """The synthetic split rule of :func:`~monai_aeflow.data.datalists.split_healthy_and_lesioned` with fractions."""
+    f_train, f_val, f_test = _fractions(fractions)
+    return split_healthy_and_lesioned(healthy, lesioned, (f_train, f_val, f_test), (f_val, f_test), seed)
 
 
 def _fractions(fractions: Sequence[float]) -> tuple[float, float, float]:

@@ -1,7 +1,9 @@
 """Split data lists: a dataset folder or a generated synthetic cohort -> train / validation / test records.
 
 :func:`prepare_data` indexes (or generates), splits by subject and preprocesses the volumes, and extracts the
-healthy training slices; ``aeflow-cli train``, ``aeflow-cli compare`` and :func:`split_cohort` (the demo) use it.
+healthy training slices; ``aeflow-cli train``, ``aeflow-cli compare`` and the demo use it. A real dataset is split
+by :func:`~monai_aeflow.data.splits.split_by_subject`; a synthetic cohort by :func:`split_healthy_and_lesioned`,
+the one synthetic rule, which the bundles' data lists (:mod:`monai_aeflow.data.bundle_datalists`) use too.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from monai_aeflow.data.indexers import index_dataset
 from monai_aeflow.data.io import reraise_input_errors
 from monai_aeflow.data.preprocessing import build_volume_preprocessing
 from monai_aeflow.data.slices import SliceDataset, make_slice_dataset
-from monai_aeflow.data.splits import check_disjoint_subjects, read_split_csv, split_by_subject
+from monai_aeflow.data.splits import SPLIT_NAMES, check_disjoint_subjects, read_split_csv, split_by_subject
 from monai_aeflow.data.synthetic import generate_cohort
 from monai_aeflow.errors import AEFlowInputError
 
@@ -29,6 +31,7 @@ __all__ = [
     "PreparedData",
     "prepare_data",
     "split_cohort",
+    "split_healthy_and_lesioned",
 ]
 
 VOLUME_DATASETS: tuple[str, ...] = ("brats", "ixi", "atlas", "folder")
@@ -38,6 +41,8 @@ VOLUME_DATASETS: tuple[str, ...] = ("brats", "ixi", "atlas", "folder")
 @dataclass
 class SyntheticCohortConfig:
     """A generated cohort (see :func:`monai_aeflow.data.synthetic.generate_cohort`) and its split.
+
+    The counts are split by :func:`split_healthy_and_lesioned` (seeded by ``DataConfig.split_seed``).
 
     Args:
         n_train: healthy training subjects.
@@ -73,7 +78,8 @@ class DataConfig:
         subjects: explicit split as ``{"train": [ids], "val": [ids], "test": [ids]}``; wins over the rest.
         split_file: a split CSV (see :func:`monai_aeflow.data.splits.write_split_csv`).
         fractions: subject fractions of train, validation and test for a random split.
-        split_seed: seed of the random split.
+        split_seed: seed of the random split (of the dataset, or of the synthetic cohort's healthy and lesioned
+            subjects: :func:`split_healthy_and_lesioned`).
         spatial_size: in-plane size after cropping / padding (multiples of 16).
         spacing: resample to this voxel size in mm first (``None``: keep).
         percentiles: intensity clipping percentiles inside the brain.
@@ -133,34 +139,94 @@ class PreparedData:
     source: str
 
 
-def split_cohort(
-    cohort: Sequence[Mapping[str, Any]], n_train: int, n_val_healthy: int, n_val_lesion: int
-) -> dict[str, list[Any]]:
-    """Split a generated cohort (see :func:`~monai_aeflow.data.synthetic.generate_cohort`) in generation order.
+def split_healthy_and_lesioned(
+    healthy: Sequence[Mapping[str, Any]],
+    lesioned: Sequence[Mapping[str, Any]],
+    healthy_weights: Sequence[float],
+    lesioned_weights: Sequence[float],
+    seed: int = 0,
+) -> dict[str, list[dict[str, Any]]]:
+    """The one split rule of synthetic cohorts (``aeflow-cli train`` / ``compare``, the demo and the bundles).
 
-    The first ``n_train`` healthy subjects train; the next ``n_val_healthy`` healthy ones and the first
-    ``n_val_lesion`` lesioned ones validate; the remaining healthy and lesioned subjects test.
+    Healthy subjects go to all three splits, lesioned subjects to validation and test only (training on healthy
+    anatomy, as in the IXI -> BraTS protocol). Each group is split by
+    :func:`~monai_aeflow.data.splits.split_by_subject` with the same ``seed``: its subject ids are sorted,
+    shuffled with ``numpy.random.default_rng(seed)`` and cut by cumulative rounding of the weights, so the result
+    depends only on the ids, the weights and the seed (not on the generation order). Counts work as weights:
+    ``healthy_weights=(4, 1, 1)`` of six healthy subjects gives exactly 4, 1 and 1.
 
     Args:
-        cohort: the cohort entries (dicts with a ``healthy`` flag), in generation order.
+        healthy: records (dicts with ``subject_id``) of healthy subjects.
+        lesioned: records of lesioned subjects.
+        healthy_weights: train, validation and test weights of the healthy subjects (fractions or counts).
+        lesioned_weights: validation and test weights of the lesioned subjects.
+        seed: seed of both shuffles.
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}``: healthy then lesioned records in each split.
+
+    Raises:
+        AEFlowInputError: weights that are not three (healthy) and two (lesioned) non-negative numbers.
+    """
+    if len(healthy_weights) != 3 or len(lesioned_weights) != 2:
+        raise AEFlowInputError(
+            f"split weights must be three numbers for healthy subjects (train, val, test) and two for lesioned ones "
+            f"(val, test), got {list(healthy_weights)} and {list(lesioned_weights)}"
+        )
+    parts = []
+    if healthy:
+        parts.append(split_by_subject(healthy, tuple(float(w) for w in healthy_weights), seed))
+    if lesioned:
+        parts.append(split_by_subject(lesioned, (0.0, *(float(w) for w in lesioned_weights)), seed))
+    return {name: [r for p in parts for r in p[name]] for name in SPLIT_NAMES}
+
+
+def split_cohort(
+    cohort: Sequence[Mapping[str, Any]],
+    n_train: int,
+    n_val_healthy: int,
+    n_val_lesion: int,
+    n_test_healthy: int | None = None,
+    n_test_lesion: int | None = None,
+    seed: int = 0,
+) -> dict[str, list[Any]]:
+    """Split a generated cohort (see :func:`~monai_aeflow.data.synthetic.generate_cohort`) by subject counts.
+
+    The counts are the weights of :func:`split_healthy_and_lesioned` (the one synthetic split rule): healthy
+    and lesioned subjects are each shuffled with ``seed`` and cut into these counts.
+
+    Args:
+        cohort: the cohort entries (dicts with ``subject_id`` and a ``healthy`` flag).
         n_train: healthy training subjects.
         n_val_healthy: healthy validation subjects.
         n_val_lesion: lesioned validation subjects.
+        n_test_healthy: healthy test subjects (default: the remaining healthy ones).
+        n_test_lesion: lesioned test subjects (default: the remaining lesioned ones).
+        seed: seed of the split.
 
     Returns:
-        ``{"train": [...], "val": [...], "test": [...]}`` of the cohort's own entries.
+        ``{"train": [...], "val": [...], "test": [...]}`` of the cohort's entries.
+
+    Raises:
+        AEFlowInputError: counts that do not add up to the cohort's healthy and lesioned subjects.
     """
     healthy = [c for c in cohort if c["healthy"]]
     lesioned = [c for c in cohort if not c["healthy"]]
-    a, b = n_train, n_train + n_val_healthy
-    return {
-        "train": healthy[:a],
-        "val": healthy[a:b] + lesioned[:n_val_lesion],
-        "test": healthy[b:] + lesioned[n_val_lesion:],
-    }
+    n_test_healthy = len(healthy) - n_train - n_val_healthy if n_test_healthy is None else n_test_healthy
+    n_test_lesion = len(lesioned) - n_val_lesion if n_test_lesion is None else n_test_lesion
+    counts = (n_train, n_val_healthy, n_test_healthy, n_val_lesion, n_test_lesion)
+    if min(counts) < 0 or n_train + n_val_healthy + n_test_healthy != len(healthy):
+        raise AEFlowInputError(f"subject counts {counts} do not fit {len(healthy)} healthy subjects")
+    if n_val_lesion + n_test_lesion != len(lesioned):
+        raise AEFlowInputError(f"subject counts {counts} do not fit {len(lesioned)} lesioned subjects")
+    return split_healthy_and_lesioned(
+        healthy, lesioned, (n_train, n_val_healthy, n_test_healthy), (n_val_lesion, n_test_lesion), seed
+    )
 
 
-def _synthetic_splits(cfg: SyntheticCohortConfig, root: Path, progress: bool) -> dict[str, list[dict[str, Any]]]:
+def _synthetic_splits(
+    cfg: SyntheticCohortConfig, root: Path, progress: bool, seed: int = 0
+) -> dict[str, list[dict[str, Any]]]:
     if any(int(s) % 16 for s in cfg.shape[:2]):
         raise AEFlowInputError(f"synthetic in-plane shape {tuple(cfg.shape[:2])} must be multiples of 16")
     n_healthy = cfg.n_train + cfg.n_val_healthy + cfg.n_test_healthy
@@ -175,7 +241,9 @@ def _synthetic_splits(cfg: SyntheticCohortConfig, root: Path, progress: bool) ->
         contrast=cfg.contrast,
         progress=progress,
     )
-    splits = split_cohort(cohort, cfg.n_train, cfg.n_val_healthy, cfg.n_val_lesion)
+    splits = split_cohort(
+        cohort, cfg.n_train, cfg.n_val_healthy, cfg.n_val_lesion, cfg.n_test_healthy, cfg.n_test_lesion, seed
+    )
     return {
         name: [
             {
@@ -252,7 +320,7 @@ def prepare_data(
     """
     if cfg.data_dir is None:
         root = Path(cfg.synthetic_dir) if cfg.synthetic_dir else Path(output_dir) / "data"
-        splits = _synthetic_splits(cfg.synthetic, root, progress)
+        splits = _synthetic_splits(cfg.synthetic, root, progress, cfg.split_seed)
         source = "synthetic"
     else:
         splits = _split_records(cfg, _dataset_records(cfg))

@@ -72,7 +72,7 @@ _PARENCHYMA = (_GM, _WM, _DGM)
 # Mean tissue intensities before bias field and noise (background, scalp, skull, marrow, csf, ventricle,
 # grey matter, white matter, deep grey); each subject jitters them by a few hundredths.
 _TISSUE_INTENSITY = {
-    "flair": np.array([0.0, 0.72, 0.05, 0.22, 0.07, 0.06, 0.68, 0.48, 0.58], dtype=np.float32),
+    "flair": np.array([0.0, 0.72, 0.05, 0.22, 0.07, 0.06, 0.65, 0.48, 0.56], dtype=np.float32),
     "t1": np.array([0.0, 0.90, 0.05, 0.45, 0.10, 0.09, 0.50, 0.80, 0.62], dtype=np.float32),
 }
 
@@ -248,7 +248,7 @@ def _make_anatomy(rng: np.random.Generator, axes: list[np.ndarray]) -> dict[str,
     fold = _smooth_noise(rng, axes, sigma_fold)
     dist_sulc_sheet = np.abs(fold) * f32(sigma_fold / 1.22)
     w_sulc = f32(rng.uniform(0.6, 1.0))
-    depth_sulc = f32(rng.uniform(12.0, 17.0)) + f32(4.0) * _smooth_noise(rng, axes, 15.0)
+    depth_sulc = f32(rng.uniform(7.0, 9.5)) + f32(2.0) * _smooth_noise(rng, axes, 15.0)
     below = np.maximum(d_brain - depth_sulc, 0)
     d_sulc = np.sqrt(np.maximum(dist_sulc_sheet - w_sulc, 0) ** 2 + below**2)
     sulcus = (dist_sulc_sheet < w_sulc) & (d_brain < depth_sulc)
@@ -431,7 +431,7 @@ def _acquire(image: np.ndarray, brain: np.ndarray, torch_seed: int, affine: np.n
         field = np.tensordot(t, mats[2], axes=(1, 1)).astype(np.float32)
         field /= field[brain].mean() if brain.any() else field.mean()
         biased = tio.ScalarImage(tensor=torch.from_numpy(image * field)[None], affine=affine)
-        noisy = tio.RandomNoise(mean=0.0, std=(0.012, 0.03))(biased).data[0].numpy()
+        noisy = tio.RandomNoise(mean=0.0, std=(0.008, 0.02))(biased).data[0].numpy()
     return np.ascontiguousarray(noisy, dtype=np.float32)
 
 

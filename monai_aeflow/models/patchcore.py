@@ -81,8 +81,9 @@ def greedy_coreset(
     squared = feats.pow(2).sum(1)
 
     def _distances_to(i: int) -> torch.Tensor:
-        # squared Euclidean distances of every feature to feature i
-        return (squared - 2.0 * (feats @ feats[i]) + squared[i]).clamp_min_(0.0)
+        # squared Euclidean distances of every feature to feature i with one matrix-vector product (the
+        # selection is bound by reading the features once per step)
+        return torch.addmv(squared, feats, feats[i], alpha=-2.0).add_(squared[i])
 
     chosen = torch.empty(k, dtype=torch.long)
     chosen[0] = start
@@ -90,7 +91,7 @@ def greedy_coreset(
     for step in range(1, k):
         nxt = int(min_dist.argmax())
         chosen[step] = nxt
-        min_dist = torch.minimum(min_dist, _distances_to(nxt))
+        torch.minimum(min_dist, _distances_to(nxt), out=min_dist)
     return chosen.to(features.device)
 
 

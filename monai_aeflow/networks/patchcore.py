@@ -133,7 +133,9 @@ class PatchCore(nn.Module):
         self.patch_size = patch_size
         self.sigma = float(sigma)
         self.register_buffer("memory_bank", torch.zeros(bank_size, self.feature_channels))
-        kernel = gaussian_1d(torch.tensor(self.sigma), truncated=4.0, normalize=True) if sigma > 0 else torch.ones(1)
+        kernel = torch.ones(1)
+        if sigma > 0:  # sampled Gaussian, normalised to sum 1 (scipy.ndimage.gaussian_filter's kernel)
+            kernel = gaussian_1d(torch.tensor(self.sigma), truncated=4.0, approx="sampled", normalize=True)
         self.register_buffer("smoothing_kernel", kernel.float(), persistent=False)
         self.hparams: dict[str, Any] = {
             "in_channels": in_channels,

@@ -29,7 +29,7 @@ MOVED = {
     "loss_scalars": "monai_aeflow.engines.metrics",
     "MetricsWriter": "monai_aeflow.engines.metrics",
     "BatchRecorder": "monai_aeflow.engines.metrics",
-    "write_scores_summary": "monai_aeflow.engines.metrics",
+    "write_scores_summary": "monai_aeflow.inference.outputs",
     "evaluate_volumes": "monai_aeflow.evaluation.volumes",
     "prepare_brain_mri_datalist": "monai_aeflow.data.bundle_datalists",
     "prepare_image_datalist": "monai_aeflow.data.bundle_datalists",

@@ -22,6 +22,7 @@ from ignite.engine import Engine, Events
 
 from monai_aeflow.engines.distributed import rank as _rank
 from monai_aeflow.fileio import atomic_write_json, atomic_write_text
+from monai_aeflow.inference.outputs import write_scores_summary  # its home; kept importable here
 
 __all__ = ["BatchRecorder", "MetricsWriter", "loss_scalars", "summary_writer", "write_scores_summary"]
 
@@ -183,25 +184,3 @@ class BatchRecorder:
         atomic_write_json(
             self.path.format(rank=_rank()), {"rank": _rank(), "world_size": world, "epoch": self.epochs, **self.seen}
         )
-
-
-def write_scores_summary(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, strict: bool = True) -> Path:
-    """Write the rows of :func:`monai_aeflow.inference.score_paths` to one JSON file.
-
-    Args:
-        rows: one dict per input (``input``, ``name``, ``status``, ``volume_score``, ``outputs``...).
-        path: the JSON file.
-        strict: raise when an input failed (after writing the file).
-
-    Returns:
-        The file written.
-
-    Raises:
-        RuntimeError: ``strict`` and at least one input failed (the message lists them).
-    """
-    ok = [r for r in rows if r.get("status") == "ok"]
-    written = atomic_write_json(path, {"n_inputs": len(rows), "n_ok": len(ok), "inputs": list(rows)})
-    failed = [f"{r.get('input')}: {r.get('error')}" for r in rows if r.get("status") != "ok"]
-    if strict and failed:
-        raise RuntimeError(f"{len(failed)} of {len(rows)} inputs failed: " + "; ".join(failed[:5]))
-    return written

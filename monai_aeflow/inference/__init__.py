@@ -1,7 +1,7 @@
 """Inference: batched slice scoring of volumes and images with a trained model, on the input's grid."""
 
 from monai_aeflow.inference.batch import expand_inputs, score_paths
-from monai_aeflow.inference.outputs import output_name, output_paths, write_outputs
+from monai_aeflow.inference.outputs import output_name, output_paths, write_outputs, write_scores_summary
 from monai_aeflow.inference.scorer import AnomalyScorer, ScoreResult, preprocessing_from_config, resolve_model_path
 from monai_aeflow.inference.volume import (
     VolumeResult,
@@ -26,4 +26,5 @@ __all__ = [
     "score_slices",
     "score_volume",
     "write_outputs",
+    "write_scores_summary",
 ]

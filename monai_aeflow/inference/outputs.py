@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "output_state",
     "remove_leftovers",
     "write_outputs",
+    "write_scores_summary",
 ]
 
 SCORE_LOCK_NAME = ".aeflow-score.lock"
@@ -294,3 +295,25 @@ def write_outputs(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return paths
+
+
+def write_scores_summary(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, strict: bool = True) -> Path:
+    """Write the rows of :func:`monai_aeflow.inference.score_paths` to one JSON file.
+
+    Args:
+        rows: one dict per input (``input``, ``name``, ``status``, ``volume_score``, ``outputs``...).
+        path: the JSON file.
+        strict: raise when an input failed (after writing the file).
+
+    Returns:
+        The file written.
+
+    Raises:
+        RuntimeError: ``strict`` and at least one input failed (the message lists them).
+    """
+    ok = [r for r in rows if r.get("status") == "ok"]
+    written = atomic_write_json(path, {"n_inputs": len(rows), "n_ok": len(ok), "inputs": list(rows)})
+    failed = [f"{r.get('input')}: {r.get('error')}" for r in rows if r.get("status") != "ok"]
+    if strict and failed:
+        raise RuntimeError(f"{len(failed)} of {len(rows)} inputs failed: " + "; ".join(failed[:5]))
+    return written

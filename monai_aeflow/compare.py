@@ -47,6 +47,7 @@ from monai_aeflow.data.datalists import (  # noqa: F401  (private names re-expor
 from monai_aeflow.engines.run import parse_assignments, run_training, train_model
 from monai_aeflow.engines.workflow import check_output_dir, clear_previous_run, previous_run_files, resolve_device
 from monai_aeflow.errors import AEFlowInputError
+from monai_aeflow.evaluation.checkpoint import save_reconstruction_quality
 from monai_aeflow.evaluation.pipeline import EvaluationConfig, result_to_json
 from monai_aeflow.evaluation.postprocess import PostprocessConfig
 from monai_aeflow.evaluation.scoring import _plain, evaluate_model, score_cases  # noqa: F401
@@ -112,7 +113,9 @@ class CompareConfig:
         map_kind: pixel map of the models (``residual`` or ``ssim``; models with one map ignore it).
         beta: flow weight of AE-FLOW's image score.
         postprocess: post-processing of the evaluation protocol.
-        threshold_method: ``"greedy"`` (Dice search on validation) or ``"fpr"``.
+        threshold_method: ``"sweep"`` (the exact maximiser of the validation Dice), ``"greedy"`` (the seed
+            thesis' interval search) or ``"fpr"``; the test Dice at the sweep and at the greedy thresholds are
+            both reported whatever the choice.
         n_bootstrap: bootstrap resamples of the confidence intervals.
         n_thresholds: threshold grid of the sweeps.
         progress: progress bars and training logs.
@@ -136,7 +139,7 @@ class CompareConfig:
     map_kind: str = "residual"
     beta: float = 0.9
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
-    threshold_method: str = "greedy"
+    threshold_method: str = "sweep"
     n_bootstrap: int = 200
     n_thresholds: int = 4096
     progress: bool = False
@@ -163,6 +166,18 @@ _COLUMNS: tuple[tuple[str, str, str, str], ...] = (
     ("oracle_dice_pooled", "oracle", "dice_pooled", "oracle DICE_T"),
 )
 
+_METHOD_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    # (column, threshold method, Markdown header): test Dice at each validated threshold
+    ("dice_pooled_sweep", "sweep", "DICE_T (sweep thr.)"),
+    ("dice_pooled_greedy", "greedy", "DICE_T (greedy thr.)"),
+)
+
+_RECON_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    # (column, key of the result's "reconstruction", Markdown header): healthy validation slices
+    ("val_psnr", "psnr", "val PSNR"),
+    ("val_ssim", "ssim", "val SSIM"),
+)
+
 
 def _row(name: str, info: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, Any]:
     m = result["metrics"]
@@ -181,6 +196,25 @@ def _row(name: str, info: Mapping[str, Any], result: Mapping[str, Any]) -> dict[
         if math.isfinite(value.get("ci_low", float("nan"))):
             row[f"{col}_ci_low"] = float(value["ci_low"])
             row[f"{col}_ci_high"] = float(value["ci_high"])
+    by_method = m.get("thresholds", {})
+    for col, method, _ in _METHOD_COLUMNS:
+        entry = by_method.get(method, {})
+        row[col] = float(entry.get("dice_pooled", {}).get("value", float("nan")))
+        row[f"threshold_{method}"] = float(entry.get("threshold", {}).get("value", float("nan")))
+    recon = result.get("reconstruction") or {}
+    for col, key, _ in _RECON_COLUMNS:
+        row[col] = float(recon.get(key, float("nan")))  # NaN ("n/a") for models that do not reconstruct
+    row["error"] = ""
+    return row
+
+
+def _failed_row(name: str, error: BaseException) -> dict[str, Any]:
+    """The row of a model whose training, scoring or evaluation raised: its error, every metric NaN."""
+    row: dict[str, Any] = {"model": name, "params_trainable": float("nan"), "params_total": float("nan")}
+    row.update(train_seconds=float("nan"), epochs=float("nan"), score_seconds=float("nan"), threshold=float("nan"))
+    for col, *_ in _COLUMNS + _METHOD_COLUMNS + _RECON_COLUMNS:
+        row[col] = float("nan")
+    row["error"] = f"{type(error).__name__}: {error}".strip().splitlines()[0]
     return row
 
 
@@ -200,8 +234,15 @@ def comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
         The table (GitHub Markdown).
     """
     header = ["model", "params (trainable)", "train s", *[h for *_, h in _COLUMNS if h != "DICE_S std"]]
+    header += [h for *_, h in _METHOD_COLUMNS + _RECON_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    failed = []
     for r in rows:
+        if r.get("error"):
+            failed.append(f"- {r['model']} failed: {r['error']}")
+            cells = [r["model"], "failed", "n/a"] + ["n/a"] * (len(header) - 3)
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
         cells = [r["model"], f"{r['params_trainable']:,}", f"{r['train_seconds']:.1f}"]
         for col, _, _, h in _COLUMNS:
             if h == "DICE_S std":
@@ -210,8 +251,9 @@ def comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
             if col == "dice_mean" and math.isfinite(r["dice_std"]):
                 cell += f" ± {r['dice_std']:.3f}"
             cells.append(cell)
+        cells += [_fmt(r.get(col, float("nan"))) for col, *_ in _METHOD_COLUMNS + _RECON_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + failed if failed else []))
 
 
 def write_comparison(rows: Sequence[Mapping[str, Any]], output_dir: str | Path, notes: str = "") -> dict[str, Path]:
@@ -292,8 +334,11 @@ def run_comparison(cfg: CompareConfig, say: Callable[[str], None] = logger.info)
         cfg: the comparison settings.
         say: where progress messages go.
 
+    A model that fails (in training, scoring or evaluation) gets a row with its error and NaN metrics; the
+    other models still run and the tables are written; ``failed`` names the failed models and their errors.
+
     Returns:
-        ``{"rows", "results", "markdown", "paths", "data"}``.
+        ``{"rows", "results", "markdown", "paths", "data", "failed"}``.
     """
     get_model_spec(None)  # registers the built-in models
     names = [str(n).strip().lower() for n in cfg.models]
@@ -321,68 +366,20 @@ def run_comparison(cfg: CompareConfig, say: Callable[[str], None] = logger.info)
         n_bootstrap=cfg.n_bootstrap,
         n_thresholds=cfg.n_thresholds,
         seed=cfg.seed,
+        report_methods=("sweep", "greedy"),
     )
-    rows, results = [], {}
+    rows, results, failed = [], {}, {}
     for name in names:
-        torch.manual_seed(cfg.seed)
-        net, info = build_model(
-            name,
-            data.in_channels,
-            data.image_size,
-            cfg.backbone,
-            cfg.backbone_weights,
-            cfg.model_args.get(name),
-            say=say,
-        )
-        params = count_parameters(net)
-        say(f"[{name}] {params['trainable']:,} trainable parameters; training {cfg.epochs} epochs on {device}")
-        if cfg.overwrite:
-            clear_previous_run(out / "models" / name)
-        summary = train_model(
-            net,
-            data.train,
-            out / "models" / name,
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            device=str(device),
-            seed=cfg.seed,
-            loss_options=cfg.loss_options.get(name),
-            preprocessing=data.preprocessing,
-            progress=cfg.progress,
-            beta=cfg.beta,
-            map_kind=cfg.map_kind,
-        )
-        model, _ = load_model(summary["model_path"], device)
-        t0 = time.perf_counter()
-        result = evaluate_model(
-            model,
-            data.val,
-            data.test,
-            eval_cfg,
-            batch_size=cfg.batch_size * 2,
-            beta=cfg.beta,
-            map_kind=cfg.map_kind,
-            min_area_fraction=cfg.data.min_area_fraction,
-        )
-        score_seconds = time.perf_counter() - t0
-        info.update(
-            params=params,
-            train_seconds=float(summary["seconds"]),
-            epochs=int(summary["epochs"]),
-            score_seconds=score_seconds,
-            model_path=summary["model_path"],
-            description=get_model_spec(name).description,
-        )
-        row = _row(name, info, result)
+        try:
+            row, results[name] = _compare_one(name, cfg, data, device, eval_cfg, out, say)
+        except Exception as err:  # one failing model must not lose the others' results
+            logger.debug("model %s failed", name, exc_info=True)
+            row = _failed_row(name, err)
+            failed[name] = row["error"]
+            results[name] = {"error": row["error"]}
+            say(f"[{name}] failed: {row['error']}")
         rows.append(row)
-        results[name] = {"info": info, "evaluation": result_to_json(result)}
-        say(
-            f"[{name}] trained in {row['train_seconds']:.1f} s; DICE_T {_fmt(row['dice_pooled'])}, pixel AUROC "
-            f"{_fmt(row['pixel_auroc'])}, slice AUROC (score) {_fmt(row['slice_auroc_score'])}"
-        )
-    weights = [describe_encoder_weights(r["info"].get("encoder_weights")) for r in results.values()]
+    weights = [describe_encoder_weights(r["info"].get("encoder_weights")) for r in results.values() if "info" in r]
     weights = [w for w in weights if w]
     notes = _protocol_notes(cfg, data, str(device), weights)
     paths = write_comparison(rows, out, notes)
@@ -392,11 +389,85 @@ def run_comparison(cfg: CompareConfig, say: Callable[[str], None] = logger.info)
         "results": results,
         "data": {"source": data.source, "splits": split, "train_slices": len(data.train), **data.preprocessing},
         "config": _config_dict(cfg),
+        "failed": failed,
     }
     paths["json"] = atomic_write_json(out / "comparison.json", to_jsonable(summary))
     summary["paths"] = {k: str(v) for k, v in paths.items()}
     summary["markdown"] = comparison_table(rows)
     return summary
+
+
+def _compare_one(
+    name: str,
+    cfg: CompareConfig,
+    data: PreparedData,
+    device: Any,
+    eval_cfg: EvaluationConfig,
+    out: Path,
+    say: Callable[[str], None],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Build, train, score and evaluate one model: its table row and its result entry."""
+    torch.manual_seed(cfg.seed)
+    net, info = build_model(
+        name,
+        data.in_channels,
+        data.image_size,
+        cfg.backbone,
+        cfg.backbone_weights,
+        cfg.model_args.get(name),
+        say=say,
+    )
+    params = count_parameters(net)
+    say(f"[{name}] {params['trainable']:,} trainable parameters; training {cfg.epochs} epochs on {device}")
+    if cfg.overwrite:
+        clear_previous_run(out / "models" / name)
+    summary = train_model(
+        net,
+        data.train,
+        out / "models" / name,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        device=str(device),
+        seed=cfg.seed,
+        loss_options=cfg.loss_options.get(name),
+        preprocessing=data.preprocessing,
+        progress=cfg.progress,
+        beta=cfg.beta,
+        map_kind=cfg.map_kind,
+    )
+    model, _ = load_model(summary["model_path"], device)
+    t0 = time.perf_counter()
+    result = evaluate_model(
+        model,
+        data.val,
+        data.test,
+        eval_cfg,
+        batch_size=cfg.batch_size * 2,
+        beta=cfg.beta,
+        map_kind=cfg.map_kind,
+        min_area_fraction=cfg.data.min_area_fraction,
+    )
+    score_seconds = time.perf_counter() - t0
+    info.update(
+        params=params,
+        train_seconds=float(summary["seconds"]),
+        epochs=int(summary["epochs"]),
+        score_seconds=score_seconds,
+        model_path=summary["model_path"],
+        description=get_model_spec(name).description,
+    )
+    row = _row(name, info, result)
+    say(
+        f"[{name}] trained in {row['train_seconds']:.1f} s; DICE_T {_fmt(row['dice_pooled'])}, pixel AUROC "
+        f"{_fmt(row['pixel_auroc'])}, slice AUROC (score) {_fmt(row['slice_auroc_score'])}"
+    )
+    entry = {"info": info, "evaluation": result_to_json(result)}
+    if result.get("reconstruction"):
+        entry["reconstruction"] = result["reconstruction"]
+        save_reconstruction_quality(summary["model_path"], result["reconstruction"])  # into the training record
+    return row, entry
 
 
 def _config_dict(cfg: CompareConfig) -> dict[str, Any]:

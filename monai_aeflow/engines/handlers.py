@@ -13,6 +13,7 @@ from ignite.engine import Engine, Events
 from sklearn.metrics import roc_auc_score
 
 from monai_aeflow.checkpoint import atomic_torch_save, save_model
+from monai_aeflow.engines.metrics import ReconstructionQuality
 
 __all__ = [
     "BestMetricState",
@@ -142,9 +143,12 @@ class ValidationStatsHandler:
     """Accumulates validation outputs and adds pixel AUROC and score calibration to the engine's metrics.
 
     After each evaluation, ``engine.state.metrics`` gains ``val_pixel_auroc`` (over brain pixels when the
-    batch has a ``mask``, over all pixels otherwise; only when lesion masks are present) and
-    ``engine.state.score_calibration`` holds the mean and std of the flow and reconstruction scores on the
-    normal images (for the optional calibrated score).
+    batch has a ``mask``, over all pixels otherwise; only when lesion masks are present), ``val_psnr`` and
+    ``val_ssim`` (reconstruction quality on the normal images, MONAI ``PSNRMetric`` / ``SSIMMetric`` with a
+    data range of 1; only for networks that reconstruct: nothing for the intensity, flow-only and PatchCore
+    models), and ``engine.state.score_calibration`` holds the mean and std of the flow and reconstruction
+    scores on the normal images (for the optional calibrated score). The metrics go to TensorBoard with the
+    evaluator's other metrics and into the model file's training record.
 
     Args:
         max_pixels: pixels kept for the AUROC (a uniform random subset beyond that, seeded).
@@ -164,6 +168,9 @@ class ValidationStatsHandler:
         self.flow: list[np.ndarray] = []
         self.recon: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
+        network = getattr(engine, "network", None)
+        network = getattr(network, "module", network)  # DistributedDataParallel
+        self.quality = ReconstructionQuality() if getattr(network, "reconstructs", True) else None
 
     def _update(self, engine: Engine) -> None:
         out = engine.state.output
@@ -171,6 +178,12 @@ class ValidationStatsHandler:
             self.flow.append(out["score_flow"].detach().float().cpu().numpy())
             self.recon.append(out["score_recon"].detach().float().cpu().numpy())
         self.labels.append(out["label"].detach().cpu().numpy())
+        if self.quality is not None and isinstance(out.get("recon"), torch.Tensor):
+            normal = out["label"].detach().reshape(-1).cpu() == 0
+            if normal.any() and out["recon"].shape == out["image"].shape:
+                self.quality.update(
+                    out["image"][normal.to(out["image"].device)], out["recon"][normal.to(out["recon"].device)]
+                )
         if out.get("pixel_label") is not None:
             amap = out["anomaly_map"].detach().float().cpu().numpy()
             truth = (out["pixel_label"].detach().cpu().numpy() > 0).any(1, keepdims=True)
@@ -197,6 +210,10 @@ class ValidationStatsHandler:
         if flow.size == labels.size and len(np.unique(labels)) == 2:
             engine.state.metrics["val_auroc_flow"] = float(roc_auc_score(labels, flow))
             engine.state.metrics["val_auroc_recon"] = float(roc_auc_score(labels, recon))
+        quality = self.quality.compute() if self.quality is not None else {}
+        if quality:
+            engine.state.metrics["val_psnr"] = quality["psnr"]
+            engine.state.metrics["val_ssim"] = quality["ssim"]
         if self.maps:
             scores = np.concatenate(self.maps)
             truth = np.concatenate(self.truth)

@@ -24,7 +24,14 @@ from monai_aeflow.engines.distributed import rank as _rank
 from monai_aeflow.fileio import atomic_write_json, atomic_write_text
 from monai_aeflow.inference.outputs import write_scores_summary  # its home; kept importable here
 
-__all__ = ["BatchRecorder", "MetricsWriter", "loss_scalars", "summary_writer", "write_scores_summary"]
+__all__ = [
+    "BatchRecorder",
+    "MetricsWriter",
+    "ReconstructionQuality",
+    "loss_scalars",
+    "summary_writer",
+    "write_scores_summary",
+]
 
 
 class _NullWriter:
@@ -48,6 +55,65 @@ def summary_writer(log_dir: str | os.PathLike) -> Any:
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=str(log_dir))
+
+
+class ReconstructionQuality:
+    """Mean PSNR, SSIM and MSE of reconstructions of images in [0, 1] (MONAI ``PSNRMetric`` and ``SSIMMetric``).
+
+    Both metrics use a fixed data range of 1 (the images are scaled to [0, 1]); SSIM has MONAI's default
+    11-pixel Gaussian window. Feed batches with :meth:`update`, read the means with :meth:`compute`.
+
+    Example::
+
+        quality = ReconstructionQuality()
+        quality.update(images, reconstructions)   # (N, C, H, W) tensors
+        quality.compute()                          # {"psnr": ..., "ssim": ..., "mse": ..., "n_images": N}
+    """
+
+    def __init__(self) -> None:
+        from monai.metrics import PSNRMetric, SSIMMetric
+
+        self.psnr = PSNRMetric(max_val=1.0, reduction="mean")
+        self.ssim = SSIMMetric(spatial_dims=2, data_range=1.0, reduction="mean")
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every batch."""
+        self.psnr.reset()
+        self.ssim.reset()
+        self.sq_err = 0.0
+        self.n_images = 0
+        self.n_values = 0
+
+    def update(self, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
+        """Add a batch.
+
+        Args:
+            images: ``(N, C, H, W)`` images in [0, 1].
+            reconstructions: their reconstructions, same shape.
+        """
+        x = images.detach().float().cpu()
+        y = reconstructions.detach().float().cpu()
+        if x.shape != y.shape:
+            raise ValueError(f"images {tuple(x.shape)} and reconstructions {tuple(y.shape)} differ in shape")
+        if x.shape[0] == 0:
+            return
+        self.psnr(y, x)
+        self.ssim(y, x)
+        self.sq_err += float(((x - y) ** 2).sum())
+        self.n_images += int(x.shape[0])
+        self.n_values += int(x.numel())
+
+    def compute(self) -> dict[str, float]:
+        """``{"psnr", "ssim", "mse", "n_images"}`` over every image so far (empty dict when none)."""
+        if not self.n_images:
+            return {}
+        return {
+            "psnr": float(self.psnr.aggregate()),
+            "ssim": float(self.ssim.aggregate()),
+            "mse": self.sq_err / self.n_values,
+            "n_images": self.n_images,
+        }
 
 
 def loss_scalars(output: Mapping[str, Any]) -> dict[str, float]:

@@ -81,3 +81,34 @@ def save_threshold(
     # Round-trip through JSON: only types that torch.load(weights_only=True) accepts remain.
     ckpt["threshold_protocol"] = json.loads(json.dumps(to_jsonable(dict(protocol or {}))))
     return atomic_torch_save(ckpt, checkpoint_path)
+
+
+def save_reconstruction_quality(checkpoint_path: str | os.PathLike, quality: Mapping[str, Any]) -> Path:
+    """Store the healthy-validation reconstruction quality in a model file's training record.
+
+    ``config["training"]["metrics"]`` gains ``val_psnr`` and ``val_ssim`` (as written by the training
+    workflow's validation) and ``config["training"]["reconstruction"]`` the full record; the file is rewritten
+    atomically.
+
+    Args:
+        checkpoint_path: the model file.
+        quality: ``{"psnr", "ssim", "mse", "n_images", ...}`` (plain numbers and strings).
+
+    Returns:
+        The path written.
+
+    Raises:
+        CheckpointError: the file is not a readable monai-aeflow checkpoint.
+    """
+    from monai_aeflow.checkpoint import atomic_torch_save
+
+    ckpt = check_checkpoint(checkpoint_path)
+    config = dict(ckpt.get("config") or {})
+    training = dict(config.get("training") or {})
+    metrics = dict(training.get("metrics") or {})
+    metrics.update(val_psnr=float(quality["psnr"]), val_ssim=float(quality["ssim"]))
+    training["metrics"] = metrics
+    training["reconstruction"] = json.loads(json.dumps(to_jsonable(dict(quality))))
+    config["training"] = training
+    ckpt["config"] = config
+    return atomic_torch_save(ckpt, checkpoint_path)

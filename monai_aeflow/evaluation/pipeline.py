@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -83,6 +84,9 @@ class EvaluationConfig:
         seed: seed of the bootstrap and of the grid subsample.
         check_affine: NIfTI map, label and mask must share the voxel grid (affine).
         reorient: NIfTI arrays are brought to RAS axis order (last axis axial).
+        report_methods: further validated threshold methods (``sweep``, ``greedy``, ``fpr``) whose threshold and
+            test Dice are reported beside the main one (``metrics["thresholds"]``), e.g. to compare the exact
+            sweep with the seed thesis' greedy search.
     """
 
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
@@ -98,6 +102,7 @@ class EvaluationConfig:
     seed: int = 0
     check_affine: bool = True
     reorient: bool = True
+    report_methods: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.threshold_method not in THRESHOLD_METHODS:
@@ -113,6 +118,9 @@ class EvaluationConfig:
             raise AEFlowInputError(f"target false-positive rate must be in [0, 1), got {self.target_fpr}")
         if self.greedy_steps < 1 or self.n_thresholds < 2 or self.n_bootstrap < 0:
             raise AEFlowInputError("greedy_steps >= 1, n_thresholds >= 2 and n_bootstrap >= 0 are required")
+        bad = [m for m in self.report_methods if m not in THRESHOLD_METHODS or m == "fixed"]
+        if bad:
+            raise AEFlowInputError(f"report_methods must be validated threshold methods, not {', '.join(bad)}")
         if not 0.0 < self.confidence < 1.0:
             raise AEFlowInputError(f"confidence must be in (0, 1), got {self.confidence}")
 
@@ -249,6 +257,18 @@ def select_threshold(
     }
 
 
+def _test_dice(info: Mapping[str, Any], counts: np.ndarray, test: Sequence[PreparedCase]) -> dict[str, Any]:
+    """Threshold, validation Dice and test Dice (pooled and mean over lesioned volumes) of one method."""
+    per = dice_from_counts(counts[:, 0], counts[:, 1], counts[:, 2])
+    lesion = np.array([c.volume_label for c in test])
+    return {
+        "threshold": _metric(float(info["value"])),
+        "validation_dice_pooled": _metric(float(info.get("validation_dice_pooled", float("nan")))),
+        "dice_pooled": _metric(float(dice_from_counts(*counts.sum(0)))),
+        "dice_mean": _metric(float(np.nanmean(per[lesion])) if lesion.any() else float("nan")),
+    }
+
+
 def evaluate_prepared(
     validation: Sequence[PreparedCase],
     test: Sequence[PreparedCase],
@@ -286,6 +306,12 @@ def evaluate_prepared(
     ).reshape(-1, 3)
     per_dice = dice_from_counts(counts[:, 0], counts[:, 1], counts[:, 2])
     pixel = _dice_metrics(counts, config)
+    by_method = {threshold_info["method"]: _test_dice(threshold_info, counts, test)}
+    for method in dict.fromkeys(config.report_methods):
+        if method not in by_method:
+            info = select_threshold(validation, dataclasses.replace(config, threshold_method=method))
+            other = np.array([c.counts_at(float(info["value"]), pp) for c in test], dtype=np.int64).reshape(-1, 3)
+            by_method[method] = _test_dice(info, other, test)
 
     # Sweeps on the test split's own grid: pixel AUROC / AUPRC, Dice curves, oracle.
     lesion = np.array([c.volume_label for c in test])
@@ -318,6 +344,7 @@ def evaluate_prepared(
     metrics: dict[str, Any] = {
         "pixel": pixel,
         "oracle": oracle,
+        "thresholds": by_method,
         "slice": classification_metrics(slice_scores, slice_labels, groups=slice_groups, **boot),
         "volume": classification_metrics(vol_scores, lesion, **boot),
     }

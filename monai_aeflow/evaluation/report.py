@@ -134,8 +134,15 @@ def metrics_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
         split="test",
     )
     rows = []
-    for level, metrics in result["metrics"].items():
-        if level == "pixel":
+    levels = [(k, v) for k, v in result["metrics"].items() if k != "thresholds"]
+    # Test Dice at the thresholds of other validated methods: one level per method ("threshold_greedy", ...).
+    for method, metrics in result["metrics"].get("thresholds", {}).items():
+        if method != info.get("method"):
+            levels.append((f"threshold_{method}", metrics))
+    for level, metrics in levels:
+        if level.startswith("threshold_"):
+            source, thr = _threshold_source({"method": level[len("threshold_") :]}), metrics["threshold"]["value"]
+        elif level == "pixel":
             source, thr = _threshold_source(info), info["value"]
         elif level == "oracle":
             source = "best pooled Dice on the test split (oracle upper bound)"

@@ -19,7 +19,7 @@ from monai_aeflow.data.slices import select_slices
 from monai_aeflow.evaluation.pipeline import EvaluationConfig, evaluate_maps
 from monai_aeflow.inference.volume import score_volume
 
-__all__ = ["score_cases", "evaluate_model"]
+__all__ = ["score_cases", "evaluate_model", "reconstruction_quality"]
 
 
 def _plain(value: Any) -> torch.Tensor:
@@ -76,6 +76,43 @@ def score_cases(
     return cases, image_scores
 
 
+def reconstruction_quality(
+    cases: Sequence[Mapping[str, Any]], min_area_fraction: float = 0.2
+) -> dict[str, float | int | str]:
+    """PSNR, SSIM and MSE of the reconstructions of the healthy brain slices of scored cases.
+
+    Healthy slices are the axial slices without lesion voxels whose brain area is at least ``min_area_fraction``
+    of the largest (as for the slice-level metrics); the metrics are MONAI's ``PSNRMetric`` and
+    ``SSIMMetric`` with a data range of 1 over whole slices (see
+    :class:`~monai_aeflow.engines.metrics.ReconstructionQuality`).
+
+    Args:
+        cases: cases of :func:`score_cases` (those of a reconstructing model hold ``image`` and
+            ``reconstruction``).
+        min_area_fraction: brain-area fraction of the slices used.
+
+    Returns:
+        ``{"psnr", "ssim", "mse", "n_images", "slices"}``; empty when the model does not reconstruct or no
+        slice is healthy.
+    """
+    from monai_aeflow.engines.metrics import ReconstructionQuality
+
+    quality = ReconstructionQuality()
+    for case in cases:
+        if "reconstruction" not in case or case.get("image") is None:
+            return {}
+        keep = select_slices(np.asarray(case["mask"], bool), np.asarray(case["label"], bool), min_area_fraction, True)
+        if keep.size == 0:
+            continue
+        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(case["image"])[..., keep], -1, 0)))[:, None]
+        y = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(case["reconstruction"])[..., keep], -1, 0)))
+        quality.update(x.float(), y[:, None].float())
+    result: dict[str, Any] = dict(quality.compute())
+    if result:
+        result["slices"] = "healthy brain slices of the validation volumes (no lesion voxel), whole slices, range 1"
+    return result
+
+
 def evaluate_model(
     network: nn.Module,
     val_volumes: Sequence[Mapping[str, Any]],
@@ -100,10 +137,13 @@ def evaluate_model(
 
     Returns:
         The result of :func:`~monai_aeflow.evaluation.evaluate_maps`; ``metrics["image"]`` holds the slice-level
-        metrics of the model's own image score.
+        metrics of the model's own image score, and ``reconstruction`` the PSNR / SSIM of the healthy validation
+        slices (see :func:`reconstruction_quality`; empty for a model that does not reconstruct).
     """
     config = dataclasses.replace(config or EvaluationConfig(), slice_min_brain_fraction=min_area_fraction)
     network.eval()
     val_cases, _ = score_cases(network, val_volumes, batch_size, beta, map_kind, min_area_fraction)
     test_cases, image_scores = score_cases(network, test_volumes, batch_size, beta, map_kind, min_area_fraction)
-    return evaluate_maps(val_cases, test_cases, config, image_scores=image_scores)
+    result = evaluate_maps(val_cases, test_cases, config, image_scores=image_scores)
+    result["reconstruction"] = reconstruction_quality(val_cases, min_area_fraction)
+    return result

@@ -12,6 +12,8 @@ tissue, pixel AUROC 0.88, slice AUROC 0.74, squared error on the healthy test sl
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -130,3 +132,21 @@ def test_dae_trains_and_scores_lesions_above_healthy_tissue(tmp_path):
     assert metrics["pixel_auroc"] > 0.8
     assert metrics["slice_auroc"] > 0.6
     assert relative_error < 0.25
+
+
+def test_compare_runs_the_peers_beside_a_baseline(tmp_path):
+    """``aeflow-cli compare`` trains the DAE and fits PatchCore on one split and scores them in one table."""
+    from click.testing import CliRunner
+
+    from aeflow_cli.main import cli
+
+    args = ["compare", "--synthetic", "--n-train", "2", "--shape", "64", "64", "24", "--epochs", "1"]
+    args += ["--models", "intensity,dae,patchcore", "--bootstrap", "10", "--grid-size", "256"]
+    args += ["--model-arg", "dae.channels=[8,16,16]", "--loss-arg", "patchcore.coreset_fraction=0.05"]
+    res = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "cmp"), "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    rows = {r["model"]: r for r in json.loads(res.output[res.output.index("{") :])["rows"]}
+    assert list(rows) == ["intensity", "dae", "patchcore"]
+    for row in rows.values():
+        assert 0.0 <= row["pixel_auroc"] <= 1.0
+    assert rows["patchcore"]["params_trainable"] == 0

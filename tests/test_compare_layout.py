@@ -101,7 +101,8 @@ def test_default_comparison_is_the_registry_order():
     from monai_aeflow.models import BUILTIN_MODELS
 
     assert DEFAULT_MODELS == BUILTIN_MODELS
-    assert DEFAULT_MODELS == ("intensity", "ae", "vae", "pchvae", "vqvae", "vqgan", "flowonly", "aeflow")
+    expected = ("intensity", "ae", "dae", "vae", "pchvae", "vqvae", "vqgan", "patchcore", "flowonly", "aeflow")
+    assert DEFAULT_MODELS == expected
     assert tuple(CompareConfig().models) == BUILTIN_MODELS
 
 

@@ -251,3 +251,17 @@ def test_cli_train_and_score_patchcore(tmp_path):
     scores = json.loads((out / f"{stem}_scores.json").read_text())
     assert scores["model"]["model_name"] == "patchcore"
     assert scores["model"]["network"]["bank_size"] == model.memory_bank.shape[0]
+
+
+def test_distances_stay_float32_under_autocast():
+    gen = torch.Generator().manual_seed(3)
+    centers = torch.randn(150, 64, generator=gen)
+    # pairs of close bank rows: a bfloat16 product picks the wrong one of a pair for about a quarter of the queries
+    bank = torch.cat([centers, centers + 0.05 * torch.randn(150, 64, generator=gen)])
+    queries = centers + 0.03 * torch.randn(150, 64, generator=gen)
+    ref_dist, ref_idx = nearest_neighbour_distances(queries, bank)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dist, idx = nearest_neighbour_distances(queries, bank)
+    assert dist.dtype == torch.float32
+    torch.testing.assert_close(idx, ref_idx)
+    torch.testing.assert_close(dist, ref_dist)

@@ -63,14 +63,16 @@ def nearest_neighbour_distances(
     if queries.ndim != 2 or queries.shape[1] != bank.shape[1]:
         raise ValueError(f"queries of shape {tuple(queries.shape)} do not match a bank of shape {tuple(bank.shape)}")
     queries, bank = queries.float(), bank.float()
-    bank_sq = bank.pow(2).sum(1)
-    step = max(1, chunk_elements // bank.shape[0])
-    indices = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
-    for start in range(0, queries.shape[0], step):
-        q = queries[start : start + step]
-        # |q - b|^2 up to the per-query constant |q|^2, which does not change the argmin
-        indices[start : start + step] = (bank_sq.unsqueeze(0) - 2.0 * q @ bank.T).argmin(1)
-    distances = (queries - bank[indices]).norm(dim=1)
+    # float32 whatever the caller's autocast: a bfloat16 product would pick wrong neighbours among close ones
+    with torch.autocast(queries.device.type, enabled=False):
+        bank_sq = bank.pow(2).sum(1)
+        step = max(1, chunk_elements // bank.shape[0])
+        indices = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
+        for start in range(0, queries.shape[0], step):
+            q = queries[start : start + step]
+            # |q - b|^2 up to the per-query constant |q|^2, which does not change the argmin
+            indices[start : start + step] = (bank_sq.unsqueeze(0) - 2.0 * q @ bank.T).argmin(1)
+        distances = (queries - bank[indices]).norm(dim=1)
     return distances, indices
 
 

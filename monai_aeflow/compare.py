@@ -289,7 +289,9 @@ def _protocol_notes(cfg: CompareConfig, data: PreparedData, device: str, weights
     split = {k: [str(r["subject_id"]) for r in v] for k, v in data.splits.items()}
     return "\n".join(
         [
-            f"- data: {data.source}; train {split['train']} (healthy slices only, {len(data.train)} slices), "
+            f"- data: {data.source}"
+            + (f" (labels: BraTS region {cfg.data.region})" if cfg.data.region != "wt" else "")
+            + f"; train {split['train']} (healthy slices only, {len(data.train)} slices), "
             f"threshold on {split['val']}, test on {split['test']}",
             f"- preprocessing: {data.preprocessing}; slices with >= {cfg.data.min_area_fraction:g} of the largest "
             "brain area for training and slice-level metrics",
@@ -297,7 +299,9 @@ def _protocol_notes(cfg: CompareConfig, data: PreparedData, device: str, weights
             f"device {device}" + (f"; encoder {'; '.join(sorted(set(weights)))}" if weights else ""),
             f"- post-processing: {pp.residual} residual, brain mask eroded {pp.erosion_iterations}x, "
             f"{pp.median_size}x{pp.median_size} median ({pp.median_dims}D), components <= {pp.min_component_size} "
-            f"voxels removed; threshold: {cfg.threshold_method} on the validation split",
+            f"voxels removed; threshold: {cfg.threshold_method} on the validation split (DICE_T (sweep / greedy "
+            "thr.): test Dice at the exact validation-Dice maximum / at the seed thesis' greedy search); val "
+            "PSNR / SSIM: reconstructions of the healthy validation slices (n/a: the model does not reconstruct)",
             "- DICE_T: pooled test Dice; DICE_S: mean ± std per test volume with lesions; pixel AUROC/AUPRC over "
             "brain voxels; slice AUROC (map): mean post-processed map per slice; slice AUROC (score): the model's "
             "own image score (reconstruction error, negative ELBO, flow likelihood, max intensity); oracle: best "

@@ -81,6 +81,12 @@ def _summary(result: dict[str, Any]) -> str:
         f"pixel   DICE_T {fmt('pixel', 'dice_pooled')}  DICE_S {fmt('pixel', 'dice_mean')} +- "
         f"{m['pixel']['dice_std']['value']:.4f}  AUROC {fmt('pixel', 'auroc')}  AUPRC {fmt('pixel', 'auprc')}",
     ]
+    for method, entry in m.get("thresholds", {}).items():
+        if method != thr["method"]:
+            lines.append(
+                f"{method:<7} threshold {entry['threshold']['value']:.6g}: DICE_T {entry['dice_pooled']['value']:.4f} "
+                f"(validation {entry['validation_dice_pooled']['value']:.4f})"
+            )
     if m.get("oracle"):
         lines.append(
             f"oracle  (best on test, upper bound) DICE_T {fmt('oracle', 'dice_pooled')} at "
@@ -155,8 +161,20 @@ def _run(opts: dict[str, Any]) -> None:
         component_dims=opts["component_dims"],
         component_connectivity=opts["connectivity"],
     )
+    label_values = None
+    if opts["region"] != "wt":
+        from monai_aeflow.data.indexers import brats_region_labels
+
+        if opts["brats_labels"] is None:
+            raise AEFlowInputError(
+                f"--region {opts['region']} needs --brats-labels (2013-2015, 2017-2021 or 2023+): the label values "
+                "of the tumour core and enhancing tumour differ between BraTS releases"
+            )
+        label_values = brats_region_labels(opts["brats_labels"], opts["region"])
     config = EvaluationConfig(
         postprocess=pp,
+        label_values=label_values,
+        report_methods=("sweep", "greedy") if method in ("sweep", "greedy") else (),
         threshold_method=method,
         threshold=opts["threshold"],
         greedy_steps=opts["steps"],
@@ -216,8 +234,8 @@ Dice over all thresholds; --method greedy: the seed thesis' interval search), th
 Dice (pooled and per volume), pixel AUROC/AUPRC over brain voxels, slice- and volume-level AUROC/AUPRC and
 F1/ACC/SEN/SPE at the best-F1 threshold are written with bootstrap 95% CIs to the output folder
 (metrics.json, metrics.csv, cases.csv, plots); a folder that already holds a report needs --overwrite.
-Labels are binarised as label > 0 (BraTS 0/1/2/4); a label with other values than 0 and 1 is named in a
-warning.
+Labels are binarised as label > 0 (BraTS 0/1/2/4; a label with other values than 0 and 1 is named in a
+warning), or to a BraTS region with --region tc|et and --brats-labels.
 
 \b
 Example:
@@ -237,6 +255,19 @@ Example:
     "--test-reconstructions", type=_DIR, default=None, help="Test reconstructions, only for the figure of cases."
 )
 @click.option("--no-masks", is_flag=True, help="No brain masks: the whole volume counts as brain.")
+@click.option(
+    "--region",
+    type=click.Choice(["wt", "tc", "et"]),
+    default="wt",
+    show_default=True,
+    help="BraTS region scored: whole tumour (label > 0), tumour core or enhancing tumour (needs --brats-labels).",
+)
+@click.option(
+    "--brats-labels",
+    type=click.Choice(["2013-2015", "2017-2021", "2023+"]),
+    default=None,
+    help="BraTS label naming of the labels, for --region tc/et (tc = 1,3,4 / 1,4 / 1,3; et = 4 / 4 / 3).",
+)
 @click.option("-o", "--output", type=_DIR, default=Path("evaluation"), show_default=True, help="Report folder.")
 @click.option("--overwrite", is_flag=True, help="Replace a report already in the output folder.")
 @click.option(

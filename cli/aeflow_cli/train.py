@@ -61,6 +61,14 @@ def data_options(fn: Any) -> Any:
             show_default=True,
             help="Modality for BraTS (flair, t1, t1c, t2; several joined by '+').",
         ),
+        click.option(
+            "--region",
+            default="wt",
+            show_default=True,
+            type=click.Choice(["wt", "tc", "et"]),
+            help="BraTS region of the validation/test labels: whole tumour, tumour core or enhancing tumour "
+            "(training slices hold no tumour label of any kind).",
+        ),
         click.option("--synthetic", is_flag=True, help="Use a generated synthetic brain MRI cohort instead of --data."),
         click.option(
             "--n-train", default=4, show_default=True, type=click.IntRange(1), help="Synthetic: training subjects."
@@ -138,6 +146,7 @@ def data_config(opts: dict[str, Any]) -> Any:
         spatial_size=tuple(opts["spatial_size"]),
         spacing=opts["spacing"],
         min_area_fraction=opts["min_area_fraction"],
+        region=opts.get("region", "wt"),
         synthetic=SyntheticCohortConfig(n_train=opts["n_train"], shape=tuple(opts["shape"]), contrast=opts["contrast"]),
     )
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from monai_aeflow.data.indexers import index_dataset
+from monai_aeflow.data.indexers import index_dataset, with_brats_region
 from monai_aeflow.data.io import reraise_input_errors
 from monai_aeflow.data.preprocessing import build_volume_preprocessing
 from monai_aeflow.data.slices import SliceDataset, make_slice_dataset
@@ -87,6 +87,9 @@ class DataConfig:
             training nor for the slice-level metrics.
         synthetic: the cohort to generate when ``data_dir`` is None.
         synthetic_dir: where to write it (default: ``<output>/data``).
+        region: BraTS region of the validation and test labels: ``"wt"`` (whole tumour), ``"tc"`` (tumour
+            core) or ``"et"`` (enhancing tumour), see :func:`~monai_aeflow.data.indexers.with_brats_region`;
+            training slices stay free of every tumour label whatever the region.
     """
 
     data_dir: str | None = None
@@ -102,6 +105,7 @@ class DataConfig:
     min_area_fraction: float = 0.2
     synthetic: SyntheticCohortConfig = field(default_factory=SyntheticCohortConfig)
     synthetic_dir: str | None = None
+    region: str = "wt"
 
     def preprocessing_config(self) -> dict[str, Any]:
         """Keyword arguments of :func:`~monai_aeflow.data.preprocessing.build_volume_preprocessing` (in models)."""
@@ -325,6 +329,11 @@ def prepare_data(
     else:
         splits = _split_records(cfg, _dataset_records(cfg))
         source = str(cfg.data_dir)
+    if cfg.region != "wt":
+        if cfg.data_dir is None or cfg.dataset != "brats":
+            raise AEFlowInputError(f"region {cfg.region!r} is a BraTS region: it needs --dataset brats and --data")
+        # evaluation labels only: training keeps label > 0, so its healthy slices hold no tumour label at all
+        splits = {k: v if k == "train" else with_brats_region(v, cfg.region) for k, v in splits.items()}
     if not splits["train"]:
         raise AEFlowInputError("the training split is empty (check the split or the subject fractions)")
     if need_evaluation and (not splits["val"] or not splits["test"]):

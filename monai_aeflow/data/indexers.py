@@ -28,6 +28,11 @@ from monai_aeflow.errors import AEFlowInputError
 
 __all__ = [
     "BRATS_MODALITIES",
+    "BRATS_REGIONS",
+    "BRATS_REGION_LABELS",
+    "brats_label_scheme",
+    "brats_region_labels",
+    "with_brats_region",
     "make_record",
     "index_brats",
     "index_ixi",
@@ -40,6 +45,19 @@ __all__ = [
 
 BRATS_MODALITIES: tuple[str, ...] = ("t1", "t1c", "t2", "flair")
 """Canonical modality names accepted by :func:`index_brats`."""
+
+BRATS_REGIONS: tuple[str, ...] = ("wt", "tc", "et")
+"""BraTS evaluation regions: whole tumour (every tumour label), tumour core, enhancing tumour."""
+
+BRATS_REGION_LABELS: dict[str, dict[str, tuple[int, ...] | None]] = {
+    # 1 necrosis / non-enhancing core, 2 oedema, 3 non-enhancing tumour, 4 enhancing tumour (OTMultiClass)
+    "2013-2015": {"wt": None, "tc": (1, 3, 4), "et": (4,)},
+    # 1 necrotic and non-enhancing tumour core, 2 oedema, 4 enhancing tumour (seg)
+    "2017-2021": {"wt": None, "tc": (1, 4), "et": (4,)},
+    # 1 non-enhancing tumour core, 2 surrounding FLAIR hyperintensity, 3 enhancing tumour (seg)
+    "2023+": {"wt": None, "tc": (1, 3), "et": (3,)},
+}
+"""Label values of each region in each BraTS label naming (``None``: every non-zero label, ``label > 0``)."""
 
 _MODALITY_ALIASES = {
     "t1": "t1",
@@ -92,10 +110,86 @@ def _files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
 
 
+def brats_label_scheme(label: str | os.PathLike) -> str:
+    """The BraTS label naming of a segmentation file, from its name.
+
+    Args:
+        label: the segmentation path (``OTMultiClass.nii.gz`` or ``VSD....OT....mha``: 2013-2015;
+            ``BraTS2021_00000_seg.nii.gz``: 2017-2021; ``BraTS-GLI-00000-000-seg.nii.gz``: 2023+).
+
+    Returns:
+        A key of :data:`BRATS_REGION_LABELS`.
+
+    Raises:
+        AEFlowInputError: a name that is none of these.
+    """
+    name = Path(label).name
+    if (m := _BRATS_2023.match(name)) and m["seq"].lower() == "seg":
+        return "2023+"
+    if (m := _BRATS_2018.match(name)) and m["seq"].lower() == "seg" and m["case"].lower().startswith("brats"):
+        return "2017-2021"
+    if ((m := _BRATS_2015_VSD.match(name)) and m["ot"]) or (
+        (m := _BRATS_2015_FILE.match(name)) and m["seq"].lower() in ("otmulticlass", "ot")
+    ):
+        return "2013-2015"
+    raise AEFlowInputError("not a BraTS segmentation name: the tumour regions are unknown for it", path=label)
+
+
+def brats_region_labels(scheme: str, region: str) -> tuple[int, ...] | None:
+    """The label values of a BraTS region in a label naming.
+
+    Args:
+        scheme: ``"2013-2015"``, ``"2017-2021"`` or ``"2023+"``.
+        region: ``"wt"`` (whole tumour), ``"tc"`` (tumour core) or ``"et"`` (enhancing tumour).
+
+    Returns:
+        The values, or ``None`` for the whole tumour (every non-zero label).
+
+    Raises:
+        AEFlowInputError: an unknown scheme or region.
+    """
+    if region not in BRATS_REGIONS:
+        raise AEFlowInputError(f"unknown BraTS region {region!r}; choose from {', '.join(BRATS_REGIONS)}")
+    if scheme not in BRATS_REGION_LABELS:
+        raise AEFlowInputError(f"unknown BraTS label naming {scheme!r}; choose from {', '.join(BRATS_REGION_LABELS)}")
+    return BRATS_REGION_LABELS[scheme][region]
+
+
+def with_brats_region(records: Sequence[dict[str, Any]], region: str = "wt") -> list[dict[str, Any]]:
+    """Records whose lesion label is a BraTS region: ``label_values`` holds the region's labels.
+
+    The label naming of each record is read from its segmentation's file name (:func:`brats_label_scheme`).
+    The whole tumour changes nothing (``label > 0``); records without a label are left as they are.
+    :class:`~monai_aeflow.data.transforms.BinarizeLabeld` then keeps only those values as lesion. Training
+    records must not get a region: their healthy slices are free of every tumour label.
+
+    Args:
+        records: indexer records.
+        region: ``"wt"``, ``"tc"`` or ``"et"``.
+
+    Returns:
+        New records (copies), with ``region`` and ``label_values`` for tc and et.
+
+    Raises:
+        AEFlowInputError: an unknown region, or a label that is not a BraTS segmentation.
+    """
+    brats_region_labels("2013-2015", region)  # checks the region
+    out = []
+    for record in records:
+        record = dict(record)
+        label = record.get("label")
+        if region != "wt" and isinstance(label, str | os.PathLike):
+            record["region"] = region
+            record["label_values"] = list(brats_region_labels(brats_label_scheme(label), region) or ())
+        out.append(record)
+    return out
+
+
 def index_brats(
     root: str | os.PathLike,
     modality: str | Sequence[str] = "flair",
     require_label: bool = False,
+    region: str = "wt",
 ) -> list[dict[str, Any]]:
     """Index a BraTS folder in the 2013/2015, 2018-2021 or 2023+ naming.
 
@@ -107,13 +201,17 @@ def index_brats(
     - 2018-2021: ``BraTS2021_00000_{t1,t1ce,t2,flair,seg}.nii.gz``;
     - 2023+: ``BraTS-GLI-00000-000-{t1n,t1c,t2w,t2f,seg}.nii.gz``.
 
-    The tumour is ``label > 0`` (see :class:`~monai_aeflow.data.transforms.BinarizeLabeld`).
+    The tumour is ``label > 0`` (see :class:`~monai_aeflow.data.transforms.BinarizeLabeld`) for the whole
+    tumour; ``region="tc"`` or ``"et"`` keeps the labels of the tumour core or the enhancing tumour in the
+    naming of the case (:data:`BRATS_REGION_LABELS`): the records get ``region`` and ``label_values``. Use it for
+    evaluation records only; training slices must be free of every tumour label (see :func:`with_brats_region`).
 
     Args:
         root: dataset folder.
         modality: ``"flair"``, ``"t1"``, ``"t1c"``, ``"t2"`` (aliases such as ``"t2f"``, ``"t1ce"``
             and ``"t1n"`` are accepted), or a list of them for a multi-channel image.
         require_label: raise when a case has no segmentation (validation releases have none).
+        region: ``"wt"`` (whole tumour, default), ``"tc"`` (tumour core) or ``"et"`` (enhancing tumour).
 
     Returns:
         one record per case; ``"label"`` is the segmentation path or ``None``, ``"mask"`` the
@@ -124,6 +222,7 @@ def index_brats(
     """
     root_path = _check_root(root)
     wanted = _modalities(modality)
+    brats_region_labels("2013-2015", region)  # an unknown region fails before the folder is searched
     cases: dict[Path, dict[str, Any]] = {}
 
     def _case(folder: Path, case_id: str, scheme: str) -> dict[str, Any]:
@@ -179,7 +278,7 @@ def index_brats(
                 label=files.get("seg"),
             )
         )
-    return records
+    return with_brats_region(records, region)
 
 
 def index_ixi(root: str | os.PathLike, modality: str = "T1") -> list[dict[str, Any]]:

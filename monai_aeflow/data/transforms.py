@@ -424,7 +424,9 @@ class ResizeImaged(_MonaiMasksd, Resized):
 class BinarizeLabeld(MapTransform):
     """Turn a lesion label map into a binary uint8 mask: lesion = ``label > threshold``.
 
-    BraTS labels 1, 2, 3 (or 4) all become 1. Integer image-level labels are left as they are.
+    BraTS labels 1, 2, 3 (or 4) all become 1. Integer image-level labels are left as they are. A data dict
+    with ``"<key>_values"`` (a list of label values, e.g. a BraTS region from
+    :func:`~monai_aeflow.data.indexers.with_brats_region`) makes only those values lesion.
 
     Args:
         keys: label keys.
@@ -440,7 +442,12 @@ class BinarizeLabeld(MapTransform):
         d = dict(data)
         for key in _present(self, d):
             if isinstance(d[key], torch.Tensor):
-                d[key] = _as_meta(d[key] > self.threshold, d[key], dtype=torch.uint8)
+                values = d.get(f"{key}_values")
+                if values is not None:  # a region: only these label values are lesion
+                    lesion = torch.isin(d[key], torch.as_tensor(list(values), dtype=d[key].dtype))
+                else:
+                    lesion = d[key] > self.threshold
+                d[key] = _as_meta(lesion, d[key], dtype=torch.uint8)
         return d
 
 

@@ -316,8 +316,9 @@ class LearningRateLogger:
 class ModelExportHandler:
     """Writes a self-contained model file (:func:`monai_aeflow.checkpoint.save_model`).
 
-    Attached to the evaluator it saves the network whenever the key validation metric improves (the
-    stored configuration then records the epoch, the metrics and the score calibration); attached to
+    Attached to the evaluator it saves the network whenever the key validation metric improves, or at every
+    validation while that metric is undefined (the stored configuration then records the epoch, the metrics
+    and the score calibration); attached to
     the trainer it saves at the end of training.
 
     Args:
@@ -347,7 +348,12 @@ class ModelExportHandler:
 
     def _on_validation(self, engine: Engine) -> None:
         epoch = self.trainer.state.epoch if self.trainer is not None else engine.state.epoch
-        if engine.state.best_metric_epoch in (-1, epoch) or not self.path.exists():
+        key = getattr(engine.state, "key_metric_name", None)
+        value = engine.state.metrics.get(key) if key else None
+        # A key metric that is undefined (e.g. AUROC of a validation split without lesions) ranks nothing: the
+        # latest model is kept instead of the first epoch's forever.
+        undefined = isinstance(value, float) and not np.isfinite(value)
+        if undefined or engine.state.best_metric_epoch in (-1, epoch) or not self.path.exists():
             self._save(engine, epoch)
 
     def _save(self, engine: Engine, epoch: int | None = None) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +206,11 @@ def load_array(value: Any, name: str = "array") -> tuple[np.ndarray, np.ndarray 
 
 
 def load_case(
-    case: Mapping[str, Any], check_affine: bool = True, reorient: bool = True, warn_labels: bool = True
+    case: Mapping[str, Any],
+    check_affine: bool = True,
+    reorient: bool = True,
+    warn_labels: bool = True,
+    label_values: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray | str | None]:
     """Load a case into arrays: the signed or non-negative residual, label, brain mask, image, reconstruction.
 
@@ -220,6 +224,8 @@ def load_case(
         check_affine: raise when NIfTI affines of the entries differ (different voxel grids).
         reorient: bring NIfTI inputs to RAS axis order.
         warn_labels: warn when the label has values other than 0 and 1 (see :func:`check_label_values`).
+        label_values: the label values that are lesion (e.g. a BraTS region: ``(1, 3, 4)``, the tumour core of
+            2013-2015 labels); ``None``: ``label > 0``. The case's own ``"label_values"`` wins when it has one.
 
     Returns:
         ``{"name", "residual", "label", "mask", "image", "reconstruction"}`` (``image`` and
@@ -267,9 +273,13 @@ def load_case(
         return np.asarray(a, dtype=np.float32)
 
     out: dict[str, Any] = {"name": str(case.get("name") or (case_name(label_path) if label_path else "case"))}
-    if warn_labels:
-        check_label_values(label_data, str(label_path) if label_path else f"case {out['name']!r}")
-    out["label"] = arr("label", lambda a: a > 0)
+    values = case.get("label_values", label_values)
+    if values is not None:  # a region of a multi-class label: no warning, the values are chosen
+        out["label"] = arr("label", lambda a: np.isin(a, np.asarray(list(values), dtype=a.dtype)))
+    else:
+        if warn_labels:
+            check_label_values(label_data, str(label_path) if label_path else f"case {out['name']!r}")
+        out["label"] = arr("label", lambda a: a > 0)
     out["mask"] = arr("mask", lambda a: a > 0.5)
     out["image"] = arr("image", to_float)
     out["reconstruction"] = arr("reconstruction", to_float)

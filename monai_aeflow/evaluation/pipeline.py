@@ -84,6 +84,8 @@ class EvaluationConfig:
         seed: seed of the bootstrap and of the grid subsample.
         check_affine: NIfTI map, label and mask must share the voxel grid (affine).
         reorient: NIfTI arrays are brought to RAS axis order (last axis axial).
+        label_values: label values that are lesion (a BraTS region, see
+            :data:`~monai_aeflow.data.indexers.BRATS_REGION_LABELS`); ``None``: ``label > 0``.
         report_methods: further validated threshold methods (``sweep``, ``greedy``, ``fpr``) whose threshold and
             test Dice are reported beside the main one (``metrics["thresholds"]``), e.g. to compare the exact
             sweep with the seed thesis' greedy search.
@@ -103,6 +105,7 @@ class EvaluationConfig:
     check_affine: bool = True
     reorient: bool = True
     report_methods: tuple[str, ...] = ()
+    label_values: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.threshold_method not in THRESHOLD_METHODS:
@@ -160,7 +163,9 @@ def prepare_cases(
             raise AEFlowInputError(f"{split} case {i} is not a mapping with 'map', 'label' and 'mask'")
         case = dict(case)
         case.setdefault("name", f"{split}_{i:04d}")
-        arrays = load_case(case, check_affine=config.check_affine, reorient=config.reorient)
+        arrays = load_case(
+            case, check_affine=config.check_affine, reorient=config.reorient, label_values=config.label_values
+        )
         if arrays["name"] in names:
             raise AEFlowInputError(f"two {split} cases are named {arrays['name']!r}")
         names.add(str(arrays["name"]))

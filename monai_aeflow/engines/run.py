@@ -227,10 +227,13 @@ def run_training(
     val = None
     if validate and prepared.val:
         val = SliceDataset(prepared.val, min_area_fraction=data.min_area_fraction, healthy_only=False)
-    say(
-        f"training {info['name']} ({params['trainable']:,} trainable parameters) on {len(prepared.train)} healthy "
-        f"slices for {epochs} epochs on {device_used}"
-    )
+    if spec_of(net).make_fitter is not None:  # PatchCore: one pass, no optimiser
+        say(f"fitting {info['name']} in one pass over {len(prepared.train)} healthy slices on {device_used}")
+    else:
+        say(
+            f"training {info['name']} ({params['trainable']:,} trainable parameters) on {len(prepared.train)} "
+            f"healthy slices for {epochs} epochs on {device_used}"
+        )
     if overwrite and resume is None:
         clear_previous_run(output_dir)
     summary = train_model(

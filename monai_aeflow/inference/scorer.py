@@ -33,8 +33,9 @@ from monai_aeflow.data.io import file_kind, reraise_input_errors
 from monai_aeflow.data.preprocessing import build_image_preprocessing, build_volume_preprocessing
 from monai_aeflow.device import resolve_amp_dtype, resolve_device
 from monai_aeflow.errors import AEFlowInputError, CheckpointError
-from monai_aeflow.evaluation.postprocess import PostprocessConfig, postprocess_map, segment
+from monai_aeflow.evaluation.postprocess import PostprocessConfig
 from monai_aeflow.inference.outputs import _KINDS, _sha256, output_name
+from monai_aeflow.inference.postprocess_torch import lesion_mask_on
 from monai_aeflow.inference.volume import score_slices, score_volume
 
 __all__ = [
@@ -150,6 +151,8 @@ class AnomalyScorer:
         amp_dtype: autocast dtype, ``"bfloat16"`` (the CUDA default), ``"float16"`` or ``"none"``; None: the
             device's default (see :func:`~monai_aeflow.device.resolve_amp_dtype`). The flow's densities and
             log-determinants and the SSIM term are float32 whatever the autocast.
+        postprocess_device: where the lesion mask is post-processed: None for the scorer's device (scipy on
+            the CPU, :mod:`~monai_aeflow.inference.postprocess_torch` elsewhere), ``"torch-cpu"``...
         min_brain_voxels: axial slices with fewer brain voxels than this are not scored (map 0, score null).
         postprocessing: overrides of the stored post-processing (see
             :class:`~monai_aeflow.evaluation.postprocess.PostprocessConfig`).
@@ -175,6 +178,7 @@ class AnomalyScorer:
         max_voxels: int | None = DEFAULT_MAX_VOXELS,
         accept_irregular_series: bool = False,
         amp_dtype: str | None = None,
+        postprocess_device: str | torch.device | None = None,
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise AEFlowInputError(f"batch size must be at least 1, got {batch_size}")
@@ -196,6 +200,7 @@ class AnomalyScorer:
         self.batch_size = None if batch_size is None else int(batch_size)
         self.amp = amp
         self.amp_dtype = resolve_amp_dtype(amp_dtype, self.device, amp)
+        self.postprocess_device = str(postprocess_device or self.device)
         self.min_brain_voxels = int(min_brain_voxels)
         stored = self.checkpoint.get("threshold")
         self.threshold = float(threshold) if threshold is not None else (None if stored is None else float(stored))
@@ -434,8 +439,7 @@ class AnomalyScorer:
         lesion = None
         lesion_voxels = None
         if self.threshold is not None:
-            processed = postprocess_map(map_in, brain_in, self.postprocess_config)
-            lesion = segment(processed, self.threshold, self.postprocess_config).astype(np.uint8)
+            lesion = lesion_mask_on(map_in, brain_in, self.threshold, self.postprocess_config, self.postprocess_device)
             lesion_voxels = int(lesion.sum())
         voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0 if data["kind"] == "volume" else None
         slice_scores = np.asarray(per_slice["score"])

@@ -67,7 +67,7 @@ def test_region_labels_for_each_naming(tmp_path, scheme, region):
     assert len(records) == 2 and all(brats_label_scheme(r["label"]) == scheme for r in records)
     assert records[0].get("region", "wt") == region
     preprocess = build_volume_preprocessing(spatial_size=SHAPE[:2], percentiles=(1.0, 99.0), spacing=None)
-    for record, (i, raw) in zip(records, sorted(labels.items()), strict=True):
+    for record, (_, raw) in zip(records, sorted(labels.items()), strict=True):
         out = preprocess(dict(record))
         got = out["label"][0].numpy().astype(bool)
         expected = np.isin(raw, sorted(EXPECTED[scheme][region]))
@@ -89,7 +89,11 @@ def test_training_slices_hold_no_tumour_label_whatever_the_region(tmp_path):
         lab[12:18, 12:18, 5:8] = np.random.default_rng(i).choice([1, 4], size=(6, 6, 3))
         raws[i] = lab
         _write_case(tmp_path / "data", "2017-2021", i, lab)
-    subjects = {"train": ["BraTS2021_00001", "BraTS2021_00002"], "val": ["BraTS2021_00003"], "test": ["BraTS2021_00004"]}
+    subjects = {
+        "train": ["BraTS2021_00001", "BraTS2021_00002"],
+        "val": ["BraTS2021_00003"],
+        "test": ["BraTS2021_00004"],
+    }
     for region in ("wt", "tc", "et"):
         cfg = DataConfig(
             data_dir=str(tmp_path / "data"),

@@ -74,9 +74,10 @@ def test_compare_reports_sweep_and_greedy_thresholds(tmp_path):
     assert row["dice_pooled_greedy"] == thresholds["greedy"]["dice_pooled"]["value"]
     assert row["threshold"] == row["threshold_sweep"] and math.isfinite(row["threshold_greedy"])
     # The exact sweep is never worse than the greedy search on the validation split it is chosen on.
-    assert thresholds["sweep"]["validation_dice_pooled"]["value"] >= thresholds["greedy"]["validation_dice_pooled"][
-        "value"
-    ] - 1e-12
+    assert (
+        thresholds["sweep"]["validation_dice_pooled"]["value"]
+        >= thresholds["greedy"]["validation_dice_pooled"]["value"] - 1e-12
+    )
     # The intensity baseline does not reconstruct: no PSNR / SSIM, not a made-up number.
     assert math.isnan(row["val_psnr"]) and math.isnan(row["val_ssim"])
     assert "DICE_T (greedy thr.)" in result["markdown"] and "val PSNR" in result["markdown"]

@@ -160,3 +160,23 @@ def test_sweep_threshold_never_comes_from_the_test_split(monkeypatch):
     assert seen == [["v8", "v9"]]
     changed = [dict(c, map=c["map"] * 3.0, label=np.roll(c["label"], 3, axis=0)) for c in test]
     assert evaluate_maps(val, changed, cfg)["protocol"]["threshold"]["value"] == t
+
+
+@pytest.mark.parametrize("shape", [(1, 6, 3), (2, 2, 2), (7, 1, 1)])
+def test_component_opening_on_thin_volumes(shape):
+    """Maps only one or two voxels wide (small crops, lone lesion voxels) are handled like any other."""
+    rng = np.random.default_rng(sum(shape))
+    score = np.round(rng.random(shape) * 4).astype(np.float32) / 4
+    for dims in (2, 3):
+        opened = component_opening(score, max_size=1, dims=dims, connectivity=1)
+        for t in np.unique(score):
+            pred = score > t
+            planes = [pred[:, :, k] for k in range(shape[2])] if dims == 2 else [pred]
+            kept = []
+            for plane in planes:
+                lab, n = ndimage.label(plane)
+                keep = np.bincount(lab.ravel(), minlength=n + 1) > 1
+                keep[0] = False
+                kept.append(keep[lab])
+            expected = np.stack(kept, axis=2) if dims == 2 else kept[0]
+            assert np.array_equal(opened > t, expected), (dims, t)

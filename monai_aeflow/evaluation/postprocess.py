@@ -270,17 +270,21 @@ def component_opening(score: np.ndarray, max_size: int = 7, dims: int = 2, conne
     out = np.zeros_like(vol)
     box = _bounding_box(vol != 0)
     sub = vol[box]
+
+    def opening(a: np.ndarray, conn: int) -> np.ndarray:
+        # a zero border (never > t >= 0, so components are unchanged): scikit-image needs >= 3 voxels per axis
+        inner = tuple(slice(1, -1) for _ in a.shape)
+        return area_opening(np.pad(a, 1), area_threshold=max_size + 1, connectivity=conn)[inner]
+
     if dims == 3:
-        out[box] = area_opening(sub, area_threshold=max_size + 1, connectivity=min(connectivity, 3))
+        out[box] = opening(sub, min(connectivity, 3))
     else:
         opened = np.zeros_like(sub)
         for k in range(sub.shape[2]):
             plane = sub[:, :, k]
             if plane.any():
                 pb = _bounding_box(plane != 0)  # components never reach beyond the plane's non-zero box
-                opened[:, :, k][pb] = area_opening(
-                    plane[pb], area_threshold=max_size + 1, connectivity=min(connectivity, 2)
-                )
+                opened[:, :, k][pb] = opening(plane[pb], min(connectivity, 2))
         out[box] = opened
     return out.reshape(s.shape)
 

@@ -98,7 +98,10 @@ def evaluate_volumes(
             label = record.get("label")
             if label is None:
                 label = _zero_label(written["anomaly"], folder / f"{result.name}_zerolabel.nii.gz")
-            cases[split].append({"name": result.name, "map": written["anomaly"], "label": label, "mask": mask_path})
+            case = {"name": result.name, "map": written["anomaly"], "label": label, "mask": mask_path}
+            if record.get("label_values") is not None:  # a BraTS region (see data.indexers.with_brats_region)
+                case["label_values"] = list(record["label_values"])
+            cases[split].append(case)
     result = evaluate_maps(cases["val"], cases["test"], config)
     write_report(result, out / "report", plots=plots)
     summary = result_to_json(result)

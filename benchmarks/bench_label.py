@@ -23,7 +23,14 @@ The two are measured alternately (scorer, request, scorer, request, ...) so that
 on both alike; each figure is the median of ``--repeats`` runs after one warm-up run of each (the overhead is also
 given from the minima). Prints one JSON object.
 
-Run: ``python benchmarks/bench_label.py [--backbone wide_resnet50_2|resnet18] [--size 256] [--repeats 3] [--queue 16]``
+With ``--dicom`` (needs Orthanc and its DICOMweb plugin, ``apt-get install orthanc orthanc-dicomweb``), the volume is
+also written as a DICOM series, uploaded to an Orthanc on a free loopback port, and a second server is started with
+Orthanc as its DICOMweb datastore; there ``POST /infer/aeflow?image=<series>`` is timed alternately with the NIfTI
+answer (the default: lesion mask as NIfTI and the result JSON) and with ``output=dicom_seg`` (the lesion mask as a
+DICOM SEG), same series, same server (``dicom``).
+
+Run: ``python benchmarks/bench_label.py [--backbone wide_resnet50_2|resnet18] [--size 256] [--repeats 3] [--queue 16]
+[--dicom]``
 """
 
 from __future__ import annotations
@@ -104,6 +111,54 @@ def _queue_responsiveness(server, image_id: str, n: int) -> dict:
     }
 
 
+def _dicom_comparison(args: argparse.Namespace, work: Path, app: Path, conf: dict, volume: Path, env: dict) -> dict:
+    """Request latency on a DICOMweb (Orthanc) datastore: the NIfTI mask answer against the DICOM SEG answer."""
+    import requests
+    from dicom_series import write_series
+    from dicomweb_client.api import DICOMwebClient
+    from label_server import LocalLabelServer
+    from orthanc_server import LocalOrthanc
+
+    series = write_series(volume, work / "series")["SeriesInstanceUID"]
+    with LocalOrthanc(work / "orthanc") as orthanc:
+        import pydicom
+
+        files = sorted((work / "series").iterdir())
+        DICOMwebClient(url=orthanc.dicomweb).store_instances([pydicom.dcmread(f) for f in files])
+        env = {
+            **env,
+            "MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "MR"}),
+            "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "dicom_cache"),
+        }
+        conf = {**conf, "dicom_store": "false"}
+        with LocalLabelServer(app, orthanc.dicomweb, conf, log_file=work / "server_dicom.log", env=env) as server:
+            server.wait_ready(timeout=600)
+
+            def timed(output: str | None) -> tuple[float, int]:
+                params = {"image": series, **({"output": output} if output else {})}
+                start = time.perf_counter()
+                res = requests.post(f"{server.url}/infer/aeflow", params=params, data={"params": "{}"}, timeout=1800)
+                res.raise_for_status()
+                return time.perf_counter() - start, len(res.content)
+
+            timed(None), timed("dicom_seg")  # warm-up (the first also downloads the series into the cache)
+            nifti, seg = [], []
+            for _ in range(args.repeats):
+                nifti.append(timed(None))
+                seg.append(timed("dicom_seg"))
+    nifti_s, seg_s = [t for t, _ in nifti], [t for t, _ in seg]
+    return {
+        "datastore": "Orthanc DICOMweb (loopback)",
+        "slices": len(files),
+        "nifti_request_seconds": _median(nifti_s),
+        "dicom_seg_request_seconds": _median(seg_s),
+        "dicom_seg_extra_seconds": round(statistics.median(seg_s) - statistics.median(nifti_s), 3),
+        "nifti_answer_bytes": nifti[-1][1],
+        "dicom_seg_bytes": seg[-1][1],
+        "runs": {"nifti": [round(v, 3) for v in nifti_s], "dicom_seg": [round(v, 3) for v in seg_s]},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="wide_resnet50_2", choices=["wide_resnet50_2", "resnet18"])
@@ -114,6 +169,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--queue", type=int, default=16, help="requests sent at once (0: no queue measurement)")
+    parser.add_argument("--dicom", action="store_true", help="also time DICOM SEG against NIfTI answers (Orthanc)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,6 +221,7 @@ def main() -> None:
                 write_s.append(params["latencies"]["write"])
             label_bytes = len(label or b"")
             queue = _queue_responsiveness(server, "case", args.queue) if args.queue > 0 else None
+        dicom = _dicom_comparison(args, work, app, conf, volume, env) if args.dicom else None
         scored_slices = result.scores["scored_slices"]
 
         model_med, request_med = _median(model_s), _median(request_s)
@@ -190,6 +247,7 @@ def main() -> None:
             "server_startup_seconds": round(startup_s, 1),
             "label_bytes": label_bytes,
             "queue": queue,
+            "dicom": dicom,
             "runs": {"model": [round(v, 3) for v in model_s], "request": [round(v, 3) for v in request_s]},
         }
         print(json.dumps(report))

@@ -76,7 +76,7 @@ class LocalLabelServer:
 
     Args:
         app_dir: the app folder (``monailabel`` creates ``bin``, ``lib``, ``logs`` and ``model`` in it).
-        studies: the studies folder.
+        studies: the studies folder, or the address of a DICOMweb server.
         conf: ``--conf KEY VALUE`` options of the app.
         host: address to serve on (loopback by default).
         port: port (default: a free one).
@@ -95,7 +95,7 @@ class LocalLabelServer:
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.app_dir = Path(app_dir)
-        self.studies = Path(studies)
+        self.studies = str(studies)  # a folder or a DICOMweb address (a Path would fold its "//")
         self.conf = {str(k): str(v) for k, v in dict(conf or {}).items()}
         self.host = host
         self.port = int(port) if port else free_port(host)

@@ -23,7 +23,10 @@ requests = pytest.importorskip("requests")
 from label_server import LocalLabelServer, parse_infer_response  # noqa: E402
 
 from monai_aeflow.errors import AEFlowInputError, CheckpointError  # noqa: E402
+from monai_aeflow.evaluation.postprocess import postprocess_map  # noqa: E402
+from monai_aeflow.inference import AnomalyScorer  # noqa: E402
 from monai_aeflow.label import ANOMALY_MAP_TAG, AEFlowInferTask, LabelAppConfig  # noqa: E402
+from monai_aeflow.label.levels import FALLBACK, LEVEL_NAMES, AEFlowLevelsTask  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = ROOT / "apps" / "aeflow_label"
@@ -70,6 +73,32 @@ def _check_map(map_file: str | Path, record: dict) -> None:
     assert data[truth].mean() > 1.5 * data[(data > 0) & ~truth].mean()
 
 
+def _reference_processed(model: str | Path, record: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The post-processed map the levels are cut from: the scorer's map through the stored post-processing."""
+    scorer = AnomalyScorer(model, device="cpu")
+    result = scorer.score(record["image"])
+    brain = result.brain_mask > 0
+    return postprocess_map(result.anomaly_map, brain, scorer.postprocess_config), brain
+
+
+def _check_levels(levels: np.ndarray, processed: np.ndarray, brain: np.ndarray, reported: dict) -> None:
+    """Levels 0-3 inside the brain, nested (every higher level scores above every lower one), cut at the bounds."""
+    assert levels.dtype == np.uint8 and set(np.unique(levels)) <= {0, 1, 2, 3}
+    assert not levels[~brain].any()
+    bounds = [reported["labels"][name]["above"] for name in LEVEL_NAMES]
+    assert [reported["labels"][name]["value"] for name in LEVEL_NAMES] == [1, 2, 3]
+    assert 0 < bounds[0] < bounds[1] < bounds[2]
+    masks = [levels == k for k in (1, 2, 3)]
+    assert masks[0].any() and masks[2].any(), [int(m.sum()) for m in masks]
+    for lo in range(3):
+        for hi in range(lo + 1, 3):
+            if masks[lo].any() and masks[hi].any():
+                assert processed[masks[hi]].min() > processed[masks[lo]].max(), (lo, hi)
+    # level = how many bounds the score is strictly above (numpy's digitize as the reference)
+    np.testing.assert_array_equal(levels, np.digitize(processed, bounds, right=True) * brain)
+    assert reported["voxels"] == {name: int(m.sum()) for name, m in zip(LEVEL_NAMES, masks, strict=True)}
+
+
 # -- the infer task, in-process -----------------------------------------------------------------------------------
 def test_infer_task_returns_mask_scores_and_map(small_volume_model):
     task = AEFlowInferTask(small_volume_model["model"], device="cpu", batch_size=16)
@@ -104,6 +133,55 @@ def test_infer_task_without_threshold_returns_empty_label(small_volume_model, tm
         os.remove(result["anomaly_map_file"])
 
 
+def test_levels_task_fallback_bounds_and_nested_levels(small_volume_model):
+    task = AEFlowLevelsTask(small_volume_model["model"], device="cpu")
+    threshold = small_volume_model["threshold"]
+    info = task.info()
+    assert info["type"] == "segmentation" and info["labels"] == {name: i + 1 for i, name in enumerate(LEVEL_NAMES)}
+    assert set(info["label_colors"]) == set(LEVEL_NAMES)
+    assert info["levels"]["source"] == FALLBACK
+    bounds = [info["levels"]["labels"][n]["above"] for n in LEVEL_NAMES]
+    assert bounds == pytest.approx([threshold / 2, 0.75 * threshold, threshold])
+    record = small_volume_model["lesioned"][0]
+    label_file, result = task({"image": str(record["image"])})
+    try:
+        image, label = nib.load(record["image"]), nib.load(label_file)
+        assert label.shape == image.shape
+        np.testing.assert_allclose(label.affine, image.affine, atol=1e-5)
+        processed, brain = _reference_processed(small_volume_model["model"], record)
+        _check_levels(np.asanyarray(label.dataobj), processed, brain, result["levels"])
+    finally:
+        for f in (label_file, result.get("anomaly_map_file")):
+            if f and os.path.exists(f):
+                os.remove(f)
+
+
+def test_levels_task_uses_healthy_percentiles_stored_in_the_model(small_volume_model, tmp_path):
+    from monai_aeflow.checkpoint import read_checkpoint
+    from monai_aeflow.evaluation.checkpoint import save_threshold
+
+    model = Path(shutil.copy(small_volume_model["model"], tmp_path / "model.pt"))
+    processed, brain = _reference_processed(model, small_volume_model["healthy"][0])
+    p95, p99 = (float(np.percentile(processed[brain], q)) for q in (95, 99))
+    protocol = dict(read_checkpoint(model)["threshold_protocol"])
+    protocol["healthy_percentiles"] = {"95": p95, "99": p99}
+    save_threshold(model, small_volume_model["threshold"], protocol)
+    task = AEFlowLevelsTask(model, device="cpu")
+    levels = task.info()["levels"]
+    assert "healthy" in levels["source"]
+    assert [levels["labels"][n]["above"] for n in LEVEL_NAMES] == pytest.approx(
+        [p95, p99, small_volume_model["threshold"]]
+    )
+    record = small_volume_model["lesioned"][0]
+    label_file, result = task({"image": str(record["image"])})
+    try:
+        processed, brain = _reference_processed(model, record)
+        _check_levels(np.asanyarray(nib.load(label_file).dataobj), processed, brain, result["levels"])
+    finally:
+        os.remove(label_file)
+        os.remove(result["anomaly_map_file"])
+
+
 def test_bad_model_and_options_fail_with_one_line_messages(tmp_path):
     missing = tmp_path / "missing.pt"
     with pytest.raises(CheckpointError, match="missing.pt"):
@@ -118,6 +196,11 @@ def test_bad_model_and_options_fail_with_one_line_messages(tmp_path):
         LabelAppConfig.from_conf({"model": "m.pt", "batch_size": "many"})
     cfg = LabelAppConfig.from_conf({"model": "m.pt", "threshold": "0.5", "save_anomaly_map": "false"})
     assert cfg.threshold == 0.5 and not cfg.save_anomaly_map and cfg.name == "aeflow"
+    assert cfg.levels and cfg.dicom_store
+    cfg = LabelAppConfig.from_conf({"model": "m.pt", "levels": "false", "dicom_store": "no"})
+    assert not cfg.levels and not cfg.dicom_store
+    with pytest.raises(AEFlowInputError, match="levels"):
+        LabelAppConfig.from_conf({"model": "m.pt", "levels": "maybe"})
 
 
 # -- a real server ----------------------------------------------------------------------------------------------
@@ -172,6 +255,31 @@ def test_server_info_lists_the_model(server):
     assert model["type"] == "segmentation" and model["labels"] == {"anomaly": 1}
     assert model["threshold"] is not None
     assert info["datastore"]["total"] == 2
+
+
+def test_server_info_lists_the_heat_map_task(server):
+    info = server["info"]
+    assert set(info["models"]) == {"aeflow", "aeflow_levels"}, info["models"]
+    model = info["models"]["aeflow_levels"]
+    assert model["type"] == "segmentation"
+    assert model["labels"] == {"anomaly low": 1, "anomaly medium": 2, "anomaly high": 3}
+    assert set(model["label_colors"]) == set(LEVEL_NAMES) and all(len(c) == 3 for c in model["label_colors"].values())
+    bounds = [model["levels"]["labels"][n]["above"] for n in LEVEL_NAMES]
+    assert bounds == sorted(bounds) and bounds[-1] == pytest.approx(info["models"]["aeflow"]["threshold"])
+    assert {"anomaly", *LEVEL_NAMES} <= set(info["labels"])
+
+
+def test_server_levels_task_returns_nested_levels_on_the_input_grid(server, small_volume_model, tmp_path):
+    record = server["cases"]["lesioned"]
+    label, result = server["server"].infer("aeflow_levels", "lesioned", timeout=REQUEST_TIMEOUT_S)
+    assert label is not None, result
+    levels = nib.load(_load_label(label, tmp_path, "levels"))
+    image = nib.load(record["image"])
+    assert levels.shape == image.shape
+    np.testing.assert_allclose(levels.affine, image.affine, atol=1e-5)
+    processed, brain = _reference_processed(small_volume_model["model"], record)
+    _check_levels(np.asanyarray(levels.dataobj), processed, brain, result["levels"])
+    assert result["anomaly_map"] is None  # the lesion-mask task stores the map
 
 
 def test_server_infer_returns_label_scores_and_anomaly_map(server, small_volume_model, tmp_path):

@@ -1,4 +1,4 @@
-"""MONAI Label integration: an infer task and an app that return the AE-FLOW lesion mask, scores and anomaly map.
+"""MONAI Label integration: infer tasks and an app that return the AE-FLOW lesion mask, heat map and scores.
 
 Needs the MONAI Label server (``monailabel`` 0.8.5), installed as described in the README (section MONAI Label)::
 
@@ -22,10 +22,14 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from monai_aeflow.label.app import ANOMALY_MAP_TAG, AEFlowLabelApp, LabelAppConfig
 from monai_aeflow.label.infer import AEFlowInferTask
+from monai_aeflow.label.levels import LEVEL_COLORS, LEVEL_NAMES, AEFlowLevelsTask
 
 __all__ = [
     "ANOMALY_MAP_TAG",
     "AEFlowInferTask",
+    "AEFlowLevelsTask",
     "AEFlowLabelApp",
+    "LEVEL_COLORS",
+    "LEVEL_NAMES",
     "LabelAppConfig",
 ]

@@ -1,7 +1,9 @@
-"""The MONAI Label app: one AE-FLOW infer task over a folder of studies, the anomaly map kept in the datastore.
+"""The MONAI Label app: AE-FLOW lesion mask and heat-map tasks over a folder of studies or a DICOMweb server.
 
 ``apps/aeflow_label/main.py`` exposes :class:`AEFlowLabelApp` to ``monailabel start_server``. Options come from
-``--conf KEY VALUE`` (see :class:`LabelAppConfig`); ``model`` is required.
+``--conf KEY VALUE`` (see :class:`LabelAppConfig`); ``model`` is required. On a DICOMweb datastore (``--studies
+http://host/dicom-web``) the lesion mask and the anomaly map of each scored series go back to the server as DICOM
+SEG and DICOM Parametric Map (:mod:`monai_aeflow.inference.dicom`).
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
@@ -21,8 +25,9 @@ from monailabel.utils.others.generic import remove_file
 
 from monai_aeflow import __version__
 from monai_aeflow.errors import AEFlowInputError, CheckpointError
-from monai_aeflow.label.infer import AEFlowInferTask
-from monai_aeflow.label.routes import InferQueue, install_infer_route, make_infer_endpoint
+from monai_aeflow.label.infer import DICOM_REQUEST_KEY, NO_THRESHOLD_MESSAGE, AEFlowInferTask
+from monai_aeflow.label.levels import LEVEL_NAMES, AEFlowLevelsTask
+from monai_aeflow.label.routes import DICOM_SEG_REQUEST_KEY, InferQueue, install_infer_route, make_infer_endpoint
 from monai_aeflow.label.validation import (
     SERVER_IMAGE_KEY,
     RequestError,
@@ -54,6 +59,9 @@ class LabelAppConfig:
         name: name of the infer task, i.e. the ``<model>`` of ``POST /infer/<model>``.
         save_anomaly_map: store the float anomaly map of each datastore image as its label tag ``anomaly_map``.
         max_queue: inference requests waiting or running at once; more are answered 503 (try again later).
+        levels: also serve the heat-map task ``<name>_levels`` (the anomaly map in three named levels).
+        dicom_store: on a DICOMweb datastore, store the lesion mask (DICOM SEG) and the anomaly map (DICOM
+            Parametric Map) of every scored series back on the server.
     """
 
     model: str
@@ -64,6 +72,8 @@ class LabelAppConfig:
     name: str = "aeflow"
     save_anomaly_map: bool = True
     max_queue: int = 16
+    levels: bool = True
+    dicom_store: bool = True
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str] | None) -> LabelAppConfig:
@@ -100,10 +110,11 @@ class LabelAppConfig:
                 kwargs["threshold"] = float(conf["threshold"])
         except ValueError as err:
             raise AEFlowInputError(f"invalid --conf value: {err}") from err
-        flag = str(conf.get("save_anomaly_map", "true")).lower()
-        if flag not in _TRUE + _FALSE:
-            raise AEFlowInputError(f"invalid --conf save_anomaly_map {flag!r} (expected true or false)")
-        kwargs["save_anomaly_map"] = flag in _TRUE
+        for key in ("save_anomaly_map", "levels", "dicom_store"):
+            flag = str(conf.get(key, "true")).lower()
+            if flag not in _TRUE + _FALSE:
+                raise AEFlowInputError(f"invalid --conf {key} {flag!r} (expected true or false)")
+            kwargs[key] = flag in _TRUE
         return cls(**kwargs)
 
 
@@ -133,8 +144,17 @@ class AEFlowLabelApp(MONAILabelApp):
         try:
             self.app_config = LabelAppConfig.from_conf(conf)
             cfg = self.app_config
+            lock = threading.Lock()
             self.infer_task = AEFlowInferTask(
-                cfg.model, label_name=cfg.label, device=cfg.device, batch_size=cfg.batch_size, threshold=cfg.threshold
+                cfg.model,
+                label_name=cfg.label,
+                device=cfg.device,
+                batch_size=cfg.batch_size,
+                threshold=cfg.threshold,
+                lock=lock,
+            )
+            self.levels_task = (
+                AEFlowLevelsTask(cfg.model, scorer=self.infer_task.scorer, lock=lock) if cfg.levels else None
             )
         except AEFlowInputError as err:
             logger.error(f"AE-FLOW app cannot start: {err} (--conf model PATH: a trained .pt file or a bundle folder)")
@@ -154,12 +174,30 @@ class AEFlowLabelApp(MONAILabelApp):
             name="monai-aeflow",
             description="AE-FLOW unsupervised anomaly detection: lesion mask, anomaly map and scores",
             version=__version__,
-            labels=[self.app_config.label],
+            labels=[self.app_config.label, *(LEVEL_NAMES if self.levels_task is not None else ())],
         )
 
+    @property
+    def levels_name(self) -> str:
+        """Name of the heat-map task: ``<name>_levels``."""
+        return f"{self.app_config.name}_levels"
+
+    def served_models(self) -> list[str]:
+        """The names of the infer tasks: ``POST /infer/<name>`` accepts these."""
+        return [self.app_config.name] + ([self.levels_name] if self.levels_task is not None else [])
+
     def init_infers(self) -> dict[str, InferTask]:
-        """The single AE-FLOW task, named ``conf["name"]`` (default ``aeflow``)."""
-        return {self.app_config.name: self.infer_task}
+        """The lesion-mask task ``conf["name"]`` (default ``aeflow``) and the heat-map task ``<name>_levels``."""
+        infers: dict[str, InferTask] = {self.app_config.name: self.infer_task}
+        if self.levels_task is not None:
+            infers[self.levels_name] = self.levels_task
+        return infers
+
+    def _download_dcmqi_tools(self) -> None:
+        """Nothing to download: the app writes DICOM SEG with highdicom, not MONAI Label's dcmqi tools.
+
+        MONAI Label 0.8.5 fetches dcmqi from GitHub when it opens a DICOMweb datastore, which fails offline.
+        """
 
     def init_trainers(self) -> dict[str, Any]:
         """No training through MONAI Label: AE-FLOW trains on healthy scans with ``aeflow-cli`` or the bundle."""
@@ -215,6 +253,8 @@ class AEFlowLabelApp(MONAILabelApp):
             if not isinstance(request, Mapping):
                 raise RequestError(400, "the request must be a JSON object")
             request = dict(request)
+            request.pop(DICOM_REQUEST_KEY, None)
+            dicom_seg_out = request.pop(DICOM_SEG_REQUEST_KEY, None) is True
             server_image = request.pop(SERVER_IMAGE_KEY, None)
             mask_tag = request.pop("brain_mask", None)
             image_id = None
@@ -224,13 +264,24 @@ class AEFlowLabelApp(MONAILabelApp):
                 request["image"] = server_image.path
             else:
                 image_id = request.get("image")
-                request["image"] = resolve_image(store, image_id)
+                request["image"] = _series_folder(store, image_id, resolve_image(store, image_id))
                 if mask_tag is not None:
                     request["brain_mask"] = resolve_brain_mask(store, image_id, mask_tag)
             save_label = bool(request.pop("save_label", False)) and image_id is not None
             label_tag = request.pop("label_tag", DefaultLabelTag.ORIGINAL.value)
             if not is_safe_tag(label_tag):
                 raise RequestError(400, "label_tag must be a datastore label tag (letters, digits, '_', '.', '-')")
+            to_store = (
+                self.app_config.dicom_store
+                and _is_dicomweb(store)
+                and image_id is not None
+                and request.get("model") == self.app_config.name
+                and os.path.isdir(request["image"])
+            )
+            if dicom_seg_out and not os.path.isdir(request["image"]):
+                raise RequestError(400, "output=dicom_seg needs a DICOM series image (a DICOMweb datastore)")
+            if dicom_seg_out or to_store:
+                request[DICOM_REQUEST_KEY] = True if to_store else "seg"
             result = super().infer(request, store)
         except RequestError as err:
             raise HTTPException(status_code=err.status, detail=err.message) from None
@@ -239,6 +290,23 @@ class AEFlowLabelApp(MONAILabelApp):
         params = result.get("params") or {}
         map_file = params.pop("anomaly_map_file", None)
         params["anomaly_map"] = None
+        dicom_files = {k: params.pop(f"dicom_{k}_file", None) for k in ("seg", "pmap")}
+        try:
+            if to_store:
+                params["dicom"] = _store_dicom(store, dicom_files)
+            if dicom_seg_out:
+                if not dicom_files["seg"]:
+                    raise HTTPException(status_code=400, detail=f"no DICOM SEG: {NO_THRESHOLD_MESSAGE}")
+                result["dicom_seg"] = dicom_files.pop("seg")  # the endpoint sends it, then removes it
+        except BaseException:
+            for path in (map_file, result.get("file")):
+                if path and os.path.exists(path):
+                    remove_file(path)
+            raise
+        finally:
+            for path in dicom_files.values():
+                if path:
+                    remove_file(path)
         if save_label and result.get("file") and os.path.exists(result["file"]):
             info = {"model": self.app_config.name, "params": params}
             result["label"] = store.save_label(image_id, result["file"], label_tag, info)
@@ -265,3 +333,50 @@ class AEFlowLabelApp(MONAILabelApp):
         finally:
             remove_file(map_file)
         return result
+
+
+def _is_dicomweb(store: Any) -> bool:
+    from monailabel.datastore.dicom import DICOMWebDatastore
+
+    return isinstance(store, DICOMWebDatastore)
+
+
+def _series_folder(store: Any, image_id: str, uri: str) -> str:
+    """The DICOM series folder of a DICOMweb datastore image, also when MONAI Label converted it to NIfTI.
+
+    MONAI Label's DICOMweb datastore (0.8.5) downloads series ``<id>`` to the folder ``<id>`` of its cache's image
+    folder and, unless ``MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI=false``, returns a NIfTI converted from it; the app
+    scores the series itself, so that its outputs lie on the series' own slices and can reference them.
+    """
+    if _is_dicomweb(store) and os.path.isfile(uri):
+        folder = Path(store._datastore.image_path()) / image_id  # where get_image_uri downloaded the series
+        if folder.is_dir() and any(folder.iterdir()):
+            return str(folder)
+    return uri
+
+
+def _store_dicom(store: Any, files: Mapping[str, str | None]) -> dict[str, Any]:
+    """STOW-RS the DICOM SEG and Parametric Map to the datastore's DICOMweb server; returns their UIDs."""
+    import pydicom
+
+    client = store._client  # MONAI Label's configured DICOMweb client (address, prefixes, authentication)
+    stored: dict[str, Any] = {}
+    for key, path in files.items():
+        if not path:
+            continue
+        ds = pydicom.dcmread(path)
+        try:
+            client.store_instances([ds])
+        except Exception as err:  # the PACS refused or is unreachable: say so, without a traceback
+            logger.error(f"could not store the {key} on {client.base_url}: {err}")
+            raise HTTPException(
+                status_code=502, detail=f"the DICOMweb server did not store the DICOM {key}: {type(err).__name__}"
+            ) from None
+        stored[key] = {
+            "StudyInstanceUID": str(ds.StudyInstanceUID),
+            "SeriesInstanceUID": str(ds.SeriesInstanceUID),
+            "SOPInstanceUID": str(ds.SOPInstanceUID),
+            "Modality": str(ds.Modality),
+        }
+        logger.info(f"stored the {key} {ds.SeriesInstanceUID} in {client.base_url}")
+    return stored

@@ -23,7 +23,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from monai_aeflow.inference import AnomalyScorer, ScoreResult, write_outputs
 
-__all__ = ["AEFlowInferTask", "NO_THRESHOLD_MESSAGE"]
+__all__ = ["AEFlowInferTask", "DICOM_REQUEST_KEY", "NO_THRESHOLD_MESSAGE"]
 
 NO_THRESHOLD_MESSAGE = (
     "the model stores no threshold and none was configured: the label is empty; set one with "
@@ -31,6 +31,8 @@ NO_THRESHOLD_MESSAGE = (
 )
 
 _RESULT_KEY = "aeflow_result"
+DICOM_REQUEST_KEY = "aeflow_dicom"
+"""Request key (set by the app, never taken from a client's ``params``) asking for the DICOM outputs of a series."""
 
 
 def _move_to_temp(src: Path, prefix: str) -> str:
@@ -66,6 +68,13 @@ class AEFlowInferTask(BasicInferTask):
         batch_size: slices per forward pass (default: 32 on CUDA, about 262k pixels per batch on CPU).
         threshold: binarisation threshold of the post-processed map (default: the one stored in the model).
         description: shown by MONAI Label clients.
+        scorer: an already loaded scorer to share (then ``model``, ``device``, ``batch_size`` and ``threshold`` are
+            ignored).
+        lock: the lock that serialises scoring (share it with the tasks that share the scorer).
+        dicom: for a DICOM series input, also write the lesion mask as DICOM SEG and the anomaly map as a DICOM
+            Parametric Map (:mod:`monai_aeflow.inference.dicom`); the result JSON names them under
+            ``dicom_seg_file`` and ``dicom_pmap_file`` (the caller owns and removes them). A request can ask for
+            them too (key :data:`DICOM_REQUEST_KEY`, set by the app: True for both, ``"seg"`` for the SEG alone).
 
     Raises:
         CheckpointError: missing model file, foreign or unsafe checkpoint (one line naming the file).
@@ -85,10 +94,16 @@ class AEFlowInferTask(BasicInferTask):
         batch_size: int | None = None,
         threshold: float | None = None,
         description: str | None = None,
+        scorer: AnomalyScorer | None = None,
+        lock: threading.Lock | None = None,
+        dicom: bool = False,
     ) -> None:
-        self.scorer = AnomalyScorer(model, device=device, batch_size=batch_size, threshold=threshold)
+        if scorer is None:
+            scorer = AnomalyScorer(model, device=device, batch_size=batch_size, threshold=threshold)
+        self.scorer = scorer
         self.label_name = label_name
-        self._lock = threading.Lock()
+        self.dicom = bool(dicom)
+        self._lock = lock if lock is not None else threading.Lock()
         super().__init__(
             path=str(self.scorer.model_path),
             network=None,
@@ -176,4 +191,26 @@ class AEFlowInferTask(BasicInferTask):
         params = dict(result.scores)
         params["label_name"] = self.label_name
         params["anomaly_map_file"] = map_file
+        asked = data.get(DICOM_REQUEST_KEY)
+        kinds = ("seg", "pmap") if self.dicom or asked is True else ("seg",) if asked == "seg" else ()
+        if kinds and result.kind == "volume" and os.path.isdir(result.source):
+            params.update(_write_dicom(result, self.label_name, kinds))
         return label_file, params
+
+
+def _write_dicom(result: ScoreResult, label: str, kinds: Sequence[str]) -> dict[str, str]:
+    """DICOM SEG and Parametric Map of a scored DICOM series, in the system temporary folder."""
+    from monai_aeflow.inference.dicom import dicom_outputs
+
+    files = {}
+    try:
+        for key, ds in dicom_outputs(result, label=label, kinds=kinds).items():
+            fd, path = tempfile.mkstemp(prefix=f"aeflow_{key}_", suffix=".dcm")
+            os.close(fd)
+            files[f"dicom_{key}_file"] = path
+            ds.save_as(path)
+    except BaseException:
+        for path in files.values():
+            os.unlink(path)
+        raise
+    return files

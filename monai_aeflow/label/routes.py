@@ -35,6 +35,9 @@ from monailabel.endpoints.user.auth import RBAC, User
 
 from monai_aeflow.label.validation import SERVER_IMAGE_KEY, RequestError, ServerImage, parse_params
 
+DICOM_SEG_REQUEST_KEY = "aeflow_dicom_seg_output"
+"""Request key set here for ``output=dicom_seg`` (never taken from a client's ``params``)."""
+
 __all__ = ["InferQueue", "QueueFull", "install_infer_route", "make_infer_endpoint"]
 
 logger = logging.getLogger(__name__)
@@ -153,10 +156,14 @@ def make_infer_endpoint(app: Any, infer_queue: InferQueue) -> Callable[..., Any]
         ``params``, ``file``, ``label``, ``output``) and its authentication dependency.
     """
 
-    def run(model: str, image: str, session_id: str, options: dict[str, Any], upload: UploadFile | None) -> Any:
+    def run(
+        model: str, image: str, session_id: str, options: dict[str, Any], upload: UploadFile | None, dicom_seg: bool
+    ) -> Any:
         saved = None
         try:
             request: dict[str, Any] = {**options, "model": model, "image": image}
+            if dicom_seg:
+                request[DICOM_SEG_REQUEST_KEY] = True
             if upload is not None:
                 saved = _save_upload(upload)
                 request[SERVER_IMAGE_KEY] = ServerImage(saved, "upload")
@@ -182,14 +189,16 @@ def make_infer_endpoint(app: Any, infer_queue: InferQueue) -> Callable[..., Any]
         user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
     ) -> Any:
         try:
-            if model != app.app_config.name:
-                raise RequestError(404, f"no model {model[:64]!r}: this server serves {app.app_config.name!r}")
+            served = app.served_models()
+            if model not in served:
+                raise RequestError(404, f"no model {model[:64]!r}: this server serves {', '.join(map(repr, served))}")
             options = parse_params(params)
-            if output == ResultType.dicom_seg:
-                raise RequestError(400, "output=dicom_seg is not available from the AE-FLOW app: use image, json, all")
+            dicom_seg = output == ResultType.dicom_seg
+            if dicom_seg and (file or session_id):
+                raise RequestError(400, "output=dicom_seg needs a DICOM series of the datastore (image=<id>)")
             if not (file or image or session_id):
                 raise RequestError(400, "name a datastore image (image=<id>), a session_id, or upload a file")
-            future = infer_queue.submit(run, model, image, session_id, options, file if file else None)
+            future = infer_queue.submit(run, model, image, session_id, options, file if file else None, dicom_seg)
             result = await asyncio.wrap_future(future)
         except RequestError as err:
             raise HTTPException(status_code=err.status, detail=err.message) from None
@@ -199,10 +208,12 @@ def make_infer_endpoint(app: Any, infer_queue: InferQueue) -> Callable[..., Any]
                 detail=f"the AE-FLOW queue is full ({err}): try again later",
                 headers={"Retry-After": "30"},
             ) from None
+        background_tasks.add_task(_remove, result.get("dicom_seg"))
         try:
             return send_response(app.datastore(), result, output.value if output else None, background_tasks)
         except BaseException:
             _remove(result.get("file"))
+            _remove(result.get("dicom_seg"))
             raise
 
     return infer_endpoint

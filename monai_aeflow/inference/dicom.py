@@ -288,7 +288,10 @@ def build_parametric_map(map_frames: np.ndarray, datasets: Sequence[pydicom.Data
 
 
 def dicom_outputs(
-    result: ScoreResult, series: str | os.PathLike | None = None, label: str = "anomaly"
+    result: ScoreResult,
+    series: str | os.PathLike | None = None,
+    label: str = "anomaly",
+    kinds: Sequence[str] = ("seg", "pmap"),
 ) -> dict[str, Any]:
     """The DICOM SEG (when the result has a lesion mask) and Parametric Map of a scored DICOM series.
 
@@ -296,17 +299,19 @@ def dicom_outputs(
         result: the scorer's result for a DICOM series folder.
         series: the series folder (default: ``result.source``).
         label: the segment's label.
+        kinds: which objects to build: ``"seg"``, ``"pmap"`` or both.
 
     Returns:
-        ``{"pmap": ParametricMap}`` plus ``"seg": Segmentation`` when a threshold gave a lesion mask.
+        ``{"pmap": ParametricMap}`` plus ``"seg": Segmentation`` when a threshold gave a lesion mask (of ``kinds``).
 
     Raises:
         AEFlowInputError: the input is not a DICOM series, or its geometry does not match the result's grid.
     """
     datasets = read_series(series if series is not None else result.source)
-    amap = volume_to_frames(result.anomaly_map, result.affine, datasets)
-    out: dict[str, Any] = {"pmap": build_parametric_map(amap, datasets)}
-    if result.lesion_mask is not None:
+    out: dict[str, Any] = {}
+    if "pmap" in kinds:
+        out["pmap"] = build_parametric_map(volume_to_frames(result.anomaly_map, result.affine, datasets), datasets)
+    if "seg" in kinds and result.lesion_mask is not None:
         mask = volume_to_frames(result.lesion_mask, result.affine, datasets)
         model_name = str(result.scores.get("model", {}).get("model_name", "aeflow"))
         out["seg"] = build_segmentation(mask, datasets, label=label, model_name=model_name)

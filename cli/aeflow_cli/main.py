@@ -7,6 +7,7 @@ import click
 from aeflow_cli.compare import compare
 from aeflow_cli.demo import demo
 from aeflow_cli.evaluate import evaluate
+from aeflow_cli.export import export
 from aeflow_cli.score import score
 from aeflow_cli.train import train
 
@@ -22,6 +23,7 @@ cli.add_command(evaluate)
 cli.add_command(score)
 cli.add_command(train)
 cli.add_command(compare)
+cli.add_command(export)
 
 if __name__ == "__main__":  # pragma: no cover
     cli()

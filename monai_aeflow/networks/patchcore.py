@@ -29,7 +29,8 @@ class PatchCoreOutput(NamedTuple):
 
     Attributes:
         anomaly_map: (B, 1, H, W) nearest-neighbour distances upsampled to the image and Gaussian-smoothed.
-        score: (B,) image scores, the largest patch distance of each image (PatchCore's ``s*``).
+        score: (B,) image scores: the largest patch distance of each image (PatchCore's ``s*``), reweighted by the
+            neighbourhood of its nearest bank feature (see :class:`PatchCore`).
         patch_scores: (B, 1, H/8, W/8) nearest-neighbour distance of every patch feature.
     """
 
@@ -67,11 +68,14 @@ def nearest_neighbour_distances(
     with torch.autocast(queries.device.type, enabled=False):
         bank_sq = bank.pow(2).sum(1)
         step = max(1, chunk_elements // bank.shape[0])
-        indices = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
-        for start in range(0, queries.shape[0], step):
-            q = queries[start : start + step]
-            # |q - b|^2 up to the per-query constant |q|^2, which does not change the argmin
-            indices[start : start + step] = (bank_sq.unsqueeze(0) - 2.0 * q @ bank.T).argmin(1)
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():  # an exported graph takes any batch: one block
+            indices = (bank_sq.unsqueeze(0) - 2.0 * queries @ bank.T).argmin(1)
+        else:
+            indices = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
+            for start in range(0, queries.shape[0], step):
+                q = queries[start : start + step]
+                # |q - b|^2 up to the per-query constant |q|^2, which does not change the argmin
+                indices[start : start + step] = (bank_sq.unsqueeze(0) - 2.0 * q @ bank.T).argmin(1)
         distances = (queries - bank[indices]).norm(dim=1)
     return distances, indices
 
@@ -84,7 +88,10 @@ class PatchCore(nn.Module):
     neighbourhood (the paper's local aggregation), the stride-16 map bilinearly upsampled to the stride-8 grid,
     concatenated and, with ``feature_dim``, averaged down to that many channels (the paper's adaptive average
     pooling). The anomaly map is each patch's distance to its nearest memory-bank feature, bilinearly upsampled
-    to the image and smoothed by a Gaussian of ``sigma`` pixels; the image score is the largest patch distance.
+    to the image and smoothed by a Gaussian of ``sigma`` pixels. The image score is the largest patch distance
+    ``s*``, reweighted as in the paper (its equation 7, as anomalib computes it) by how isolated the nearest bank
+    feature ``m*`` of that patch is: ``(1 - softmax(d)[0]) * s*`` with ``d`` the distances of the patch to the
+    ``num_neighbors`` bank features nearest to ``m*`` (``m*`` first); ``num_neighbors=0`` gives ``s*`` itself.
 
     Args:
         in_channels: 1 or 3 image channels.
@@ -95,6 +102,8 @@ class PatchCore(nn.Module):
         feature_dim: channels of a patch feature after pooling (None: the concatenated channels).
         patch_size: side of the local neighbourhood averaged into each patch feature (odd).
         sigma: standard deviation in pixels of the Gaussian that smooths the upsampled map (0: none).
+        num_neighbors: neighbourhood size ``b`` of the image-score reweighting (the paper's 9, ``m*`` included;
+            0: no reweighting).
 
     Example::
 
@@ -116,6 +125,7 @@ class PatchCore(nn.Module):
         feature_dim: int | None = None,
         patch_size: int = 3,
         sigma: float = 4.0,
+        num_neighbors: int = 9,
     ) -> None:
         super().__init__()
         if patch_size < 1 or patch_size % 2 == 0:
@@ -124,6 +134,8 @@ class PatchCore(nn.Module):
             raise ValueError(f"sigma must be >= 0, got {sigma}")
         if bank_size < 0:
             raise ValueError(f"bank_size must be >= 0, got {bank_size}")
+        if num_neighbors < 0 or num_neighbors == 1:
+            raise ValueError(f"num_neighbors must be 0 (no reweighting) or at least 2, got {num_neighbors}")
         self.in_channels = in_channels
         self.encoder = FeatureEncoder(backbone, backbone_weights, in_channels)
         with torch.no_grad():
@@ -134,6 +146,7 @@ class PatchCore(nn.Module):
         self.feature_channels = concatenated if feature_dim is None else int(feature_dim)
         self.patch_size = patch_size
         self.sigma = float(sigma)
+        self.num_neighbors = int(num_neighbors)
         self.register_buffer("memory_bank", torch.zeros(bank_size, self.feature_channels))
         kernel = torch.ones(1)
         if sigma > 0:  # sampled Gaussian, normalised to sum 1 (scipy.ndimage.gaussian_filter's kernel)
@@ -147,6 +160,7 @@ class PatchCore(nn.Module):
             "feature_dim": None if feature_dim is None else int(feature_dim),
             "patch_size": patch_size,
             "sigma": float(sigma),
+            "num_neighbors": int(num_neighbors),
         }
 
     def _multiscale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,4 +234,21 @@ class PatchCore(nn.Module):
         distances, _ = nearest_neighbour_distances(feats.permute(0, 2, 3, 1).reshape(-1, c), self.memory_bank)
         patch_scores = distances.reshape(b, 1, h, w)
         amap = F.interpolate(patch_scores, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return PatchCoreOutput(self._smooth(amap), patch_scores.flatten(1).amax(1), patch_scores)
+        flat = feats.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        return PatchCoreOutput(self._smooth(amap), self._image_score(flat, distances.reshape(b, -1)), patch_scores)
+
+    def _image_score(self, feats: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+        """``s*`` per image, reweighted by the neighbourhood of its nearest bank feature (see the class)."""
+        s_star, where = distances.max(1)
+        if self.num_neighbors <= 0 or self.memory_bank.shape[0] < 2:
+            return s_star
+        patch = feats[torch.arange(feats.shape[0], device=feats.device), where].float()  # (B, C)
+        _, nearest = nearest_neighbour_distances(patch, self.memory_bank)
+        bank = self.memory_bank.float()
+        with torch.autocast(patch.device.type, enabled=False):
+            # the b bank features nearest to m*, m* itself first (at distance 0)
+            k = min(self.num_neighbors, bank.shape[0])
+            to_bank = torch.cdist(bank[nearest], bank, compute_mode="donot_use_mm_for_euclid_dist")
+            neighbours = to_bank.topk(k, dim=1, largest=False).indices  # (B, k)
+            d = (patch.unsqueeze(1) - bank[neighbours]).norm(dim=2)  # (B, k), d[:, 0] = s*
+            return (1.0 - torch.softmax(d, dim=1)[:, 0]) * s_star

@@ -204,6 +204,7 @@ NETWORK_RULES: dict[str, dict[str, Check]] = {
         "feature_dim": _optional(_integer(*_WIDTH)),
         "patch_size": _odd(1, 15),
         "sigma": _number(0.0, 64.0),
+        "num_neighbors": _integer(0, 4096),
     },
 }
 """Rules of each registered model's network keyword arguments (as stored in ``config["model"]``)."""

@@ -101,7 +101,7 @@ def test_random_projection_keeps_distances():
 
 def test_map_is_the_smoothed_upsampled_distance_to_the_bank():
     torch.manual_seed(0)
-    net = PatchCore(backbone="efficientnet_lite0", backbone_weights=None).eval()
+    net = PatchCore(backbone="efficientnet_lite0", backbone_weights=None, num_neighbors=0).eval()
     x = torch.rand(3, 1, 64, 48)
     with torch.no_grad():
         feats = net.embed(x)
@@ -265,3 +265,29 @@ def test_distances_stay_float32_under_autocast():
     assert dist.dtype == torch.float32
     torch.testing.assert_close(idx, ref_idx)
     torch.testing.assert_close(dist, ref_dist)
+
+
+def test_image_score_reweighting_matches_the_paper():
+    """Equation 7 of the paper, by brute force: ``(1 - exp d(m_test, m*) / sum_b exp d(m_test, m_b)) * s*``."""
+    torch.manual_seed(1)
+    net = PatchCore(backbone="efficientnet_lite0", backbone_weights=None, num_neighbors=4).eval()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        feats = net.embed(x)
+        net.set_memory_bank(torch.cat([feats[0].flatten(1).T, feats[1].flatten(1).T[::5]]) * 1.05)
+        out = net(x)
+    bank = net.memory_bank.double().numpy()
+    for i in range(2):
+        patches = feats[i].flatten(1).T.double().numpy()
+        dist = cdist(patches, bank)
+        star = int(dist.min(1).argmax())
+        s_star = dist[star].min()
+        m_star = int(dist[star].argmin())
+        neighbours = np.argsort(cdist(bank[m_star : m_star + 1], bank)[0], kind="stable")[:4]
+        assert neighbours[0] == m_star
+        d = cdist(patches[star : star + 1], bank[neighbours])[0]
+        expected = (1 - np.exp(d[0]) / np.exp(d).sum()) * s_star
+        np.testing.assert_allclose(float(out.score[i]), expected, rtol=1e-4)
+        assert float(out.score[i]) < s_star
+    with pytest.raises(ValueError, match="num_neighbors"):
+        PatchCore(backbone_weights=None, num_neighbors=1)

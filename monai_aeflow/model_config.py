@@ -227,7 +227,7 @@ PREPROCESSING_RULES: dict[str, Check] = {
 """Rules of the preprocessing keys that the scorer passes to the volume and 2D image preprocessing."""
 
 _RECON_MAPS = ("residual", "ssim")
-_ALL_MAPS = ("residual", "flow", "ssim")
+_ALL_MAPS = ("residual", "flow", "ssim", "product")
 MAP_KINDS_BY_MODEL: dict[str, tuple[str, ...]] = {
     "aeflow": _ALL_MAPS,
     "flowonly": _ALL_MAPS,  # one map whatever the kind

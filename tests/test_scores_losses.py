@@ -127,7 +127,7 @@ def test_pixel_maps():
     sm = ssim_anomaly_map(x, rec)
     assert sm.shape == (2, 1, 32, 48)
     assert torch.allclose(anomaly_map(z, x, rec, "ssim"), sm)
-    assert torch.allclose(anomaly_map(z, x, rec), residual_map(x, rec))
+    assert torch.allclose(anomaly_map(z, x, rec, "residual"), residual_map(x, rec))
     with pytest.raises(ValueError, match="unknown anomaly map"):
         anomaly_map(z, x, rec, "nope")
 

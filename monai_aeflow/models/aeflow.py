@@ -15,13 +15,13 @@ from torch import nn
 from monai_aeflow.losses import AEFlowLoss
 from monai_aeflow.models.spec import ModelSpec
 from monai_aeflow.networks.aeflow import AEFlow
-from monai_aeflow.scores import anomaly_map, combined_score, flow_score, recon_score
+from monai_aeflow.scores import DEFAULT_MAP_KIND, anomaly_map, combined_score, flow_score, recon_score
 
 __all__ = ["SPEC", "aeflow_score", "make_loss"]
 
 
 def aeflow_score(
-    network: nn.Module, x: torch.Tensor, beta: float = 0.9, map_kind: str = "residual"
+    network: nn.Module, x: torch.Tensor, beta: float = 0.9, map_kind: str = DEFAULT_MAP_KIND
 ) -> dict[str, torch.Tensor]:
     """AE-FLOW's scorer: ``beta * S_flow + (1 - beta) * S_recon`` and the chosen pixel map.
 
@@ -29,7 +29,8 @@ def aeflow_score(
         network: an :class:`AEFlow`.
         x: (B, C, H, W) images.
         beta: flow weight.
-        map_kind: ``residual``, ``flow`` or ``ssim``.
+        map_kind: ``product`` (default: ``|x - x'|`` times the flow's per-location NLL, chosen on the BraTS
+            dev protocol), ``residual`` (the paper's ``|x - x'|``), ``flow`` or ``ssim``.
 
     Returns:
         ``score``, ``score_flow``, ``score_recon``, ``anomaly_map`` and ``recon``.

@@ -246,9 +246,13 @@ class PatchCore(nn.Module):
         _, nearest = nearest_neighbour_distances(patch, self.memory_bank)
         bank = self.memory_bank.float()
         with torch.autocast(patch.device.type, enabled=False):
-            # the b bank features nearest to m*, m* itself first (at distance 0)
+            # the b bank features nearest to m*, m* itself first (squared distances by a matrix product, which
+            # exports to ONNX; m* is put first explicitly)
             k = min(self.num_neighbors, bank.shape[0])
-            to_bank = torch.cdist(bank[nearest], bank, compute_mode="donot_use_mm_for_euclid_dist")
+            m_star = bank[nearest]
+            to_bank = bank.pow(2).sum(1).unsqueeze(0) - 2.0 * m_star @ bank.T + m_star.pow(2).sum(1, keepdim=True)
+            rows = torch.arange(to_bank.shape[0], device=to_bank.device)
+            to_bank[rows, nearest] = -1.0
             neighbours = to_bank.topk(k, dim=1, largest=False).indices  # (B, k)
             d = (patch.unsqueeze(1) - bank[neighbours]).norm(dim=2)  # (B, k), d[:, 0] = s*
             return (1.0 - torch.softmax(d, dim=1)[:, 0]) * s_star

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,11 +61,13 @@ def _run(
     accept_irregular_series: bool,
     dicom_out: bool = False,
     amp_dtype: str | None = None,
+    distributed: bool | None = None,
 ) -> list[dict[str, Any]]:
     from monai_aeflow.data.io import file_kind
     from monai_aeflow.errors import AEFlowInputError
     from monai_aeflow.fileio import atomic_write_text
     from monai_aeflow.inference.batch import expand_inputs, score_paths
+    from monai_aeflow.inference.distributed import agree, finish, gather_rows, init_sharding, shard
     from monai_aeflow.inference.outputs import lock_output_folder, remove_leftovers
     from monai_aeflow.inference.scorer import AnomalyScorer
 
@@ -82,14 +85,20 @@ def _run(
 
         require_highdicom()
         extra_outputs = write_dicom_outputs
-    # the output folder first: created, writable and ours (locked) before the model is loaded
-    with lock_output_folder(out):
+    ctx = init_sharding(device, distributed)  # torchrun: this rank's device and every world_size-th input
+    held = []
+
+    def claim() -> None:  # rank 0: the output folder first, created, writable and ours before the model loads
+        held.append(lock_output_folder(out))
         summary = out / "summary.csv"
         if len(inputs) > 1 and not overwrite and summary.exists():
             raise AEFlowInputError("output exists (use --overwrite to replace it)", path=summary)
+
+    try:
+        agree(ctx, claim)
         scorer = AnomalyScorer(
             model,
-            device=device,
+            device=ctx.device,
             batch_size=batch_size,
             threshold=threshold,
             max_voxels=max_voxels,
@@ -98,11 +107,12 @@ def _run(
         )
         if workers is None:
             workers = 2 if scorer.device.type == "cuda" else 1
-        if not quiet:
+        if not quiet and ctx.rank == 0:
             source = "" if scorer.threshold_source is None else f" from {scorer.threshold_source}"
             click.echo(
                 f"model {scorer.model_path} ({scorer.model_name}, threshold {_fmt(scorer.threshold)}{source})"
-                f" on {scorer.device}; {len(inputs)} input(s) -> {out}",
+                f" on {scorer.device}; {len(inputs)} input(s) -> {out}"
+                + (f" over {ctx.world_size} ranks" if ctx.distributed else ""),
                 err=True,
             )
             if scorer.threshold is None:
@@ -110,20 +120,25 @@ def _run(
         masks = {str(inputs[0]): str(mask)} if mask is not None else None
         rows = score_paths(
             scorer,
-            inputs,
+            shard(inputs, ctx),
             out,
             overwrite=overwrite,
             preview=preview,
             masks=masks,
             workers=workers,
-            progress=not quiet,
+            progress=not quiet and ctx.rank == 0,
             lock=False,
             extra_outputs=extra_outputs,
         )
-        if len(rows) > 1:
+        rows = gather_rows(rows, ctx, inputs)
+        if len(rows) > 1 and ctx.rank == 0:
             remove_leftovers(out, (), ("summary.csv",))
             atomic_write_text(out / "summary.csv", _summary_csv(rows))
         return rows
+    finally:
+        finish(ctx)
+        for lock in held:
+            lock.release()
 
 
 @click.command()
@@ -181,6 +196,13 @@ def _run(
     help="Autocast precision of the network (default: bfloat16 on CUDA, none on CPU). Flow densities, "
     "log-determinants and SSIM are float32 whatever it is.",
 )
+@click.option(
+    "--distributed",
+    is_flag=True,
+    default=None,
+    help="Shard the inputs across the processes of a torchrun launch (on by default under torchrun): "
+    "torchrun --nproc_per_node N -m aeflow_cli score ...; rank 0 writes summary.csv.",
+)
 def score(
     paths: tuple[str, ...],
     model: str,
@@ -197,6 +219,7 @@ def score(
     accept_irregular_series: bool,
     dicom_out: bool,
     amp_dtype: str | None,
+    distributed: bool | None,
 ) -> None:
     """Score volumes and images: anomaly map, lesion mask, scores JSON and preview per input.
 
@@ -215,8 +238,10 @@ def score(
     """
     rows = run_guarded(
         _run, paths, model, out, device, batch_size, threshold, mask, overwrite, workers, not no_preview, quiet,
-        max_voxels, accept_irregular_series, dicom_out, amp_dtype,
+        max_voxels, accept_irregular_series, dicom_out, amp_dtype, distributed or None,
     )  # fmt: skip
+    if int(os.environ.get("RANK", "0")) > 0:  # rank 0 reports the whole run and exits with its code
+        return
     failed = [r for r in rows if r["status"] != "ok"]
     if not quiet and len(rows) > 1:
         click.echo(_summary_table(rows))

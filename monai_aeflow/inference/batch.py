@@ -6,9 +6,10 @@ import glob
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from monai_aeflow.data.io import IMAGE_2D_SUFFIXES, file_kind, is_dicom_series_dir
 from monai_aeflow.errors import AEFlowInputError
@@ -20,7 +21,8 @@ from monai_aeflow.inference.outputs import (
     remove_leftovers,
     write_outputs,
 )
-from monai_aeflow.inference.scorer import AnomalyScorer
+from monai_aeflow.inference.scorer import AnomalyScorer, ScoreResult
+from monai_aeflow.inference.writer import BackgroundWriter
 
 __all__ = ["expand_inputs", "score_paths"]
 
@@ -92,7 +94,7 @@ def score_paths(
     lock: bool = True,
     extra_outputs: Callable[..., Mapping[str, Path]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Score many inputs, loading the next ones in background threads while the model runs.
+    """Score many inputs: decoding in worker processes, the model in this one, writing in a background thread.
 
     A failing input (missing, corrupt, 4D, too large, irregular DICOM series, wrong channel count, existing
     outputs without ``overwrite``) is recorded and the others still complete. The output folder is locked for
@@ -107,7 +109,8 @@ def score_paths(
         overwrite: replace existing outputs.
         preview: write PNG previews.
         masks: optional brain mask per input (keyed by the input path as given).
-        workers: inputs loaded ahead in background threads (0: load in the main thread).
+        workers: worker processes decoding and preprocessing the next inputs (a torch ``DataLoader``; 0: in
+            this process). Outputs are written in a background thread (at most two results waiting).
         progress: show a progress bar.
         lock: lock the output folder here; pass False when the caller already holds
             :func:`lock_output_folder` for ``out_dir``.
@@ -140,6 +143,40 @@ def score_paths(
             folder_lock.release()
 
 
+class _Loads(torch.utils.data.Dataset):
+    """The inputs as a dataset: item ``i`` is input ``i`` checked and preprocessed, or the reason it failed
+    (a message and whether it is the user's error: exceptions do not always survive the trip from a worker)."""
+
+    def __init__(self, scorer: AnomalyScorer, inputs: Sequence[str | os.PathLike], out_root: Path, overwrite: bool,
+                 masks: Mapping[str, str | os.PathLike]) -> None:  # fmt: skip
+        self.scorer, self.inputs, self.out_root, self.overwrite, self.masks = scorer, inputs, out_root, overwrite, masks
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        path = self.inputs[i]
+        start = time.perf_counter()
+        item: dict[str, Any] = {"index": i, "data": None, "error": None, "user_error": False, "incomplete": False}
+        try:
+            kind = "image2d" if str(path).lower().endswith(IMAGE_2D_SUFFIXES) else "volume"
+            state = output_state(output_name(path), self.out_root, kind)
+            item["incomplete"] = state == "incomplete"
+            if state == "complete" and not self.overwrite:
+                dest = next(p for p in output_paths(output_name(path), self.out_root, kind).values() if p.exists())
+                raise AEFlowInputError("output exists (use --overwrite to replace it)", path=dest)
+            item["data"] = self.scorer.preprocess(path, self.masks.get(str(path)))
+        except Exception as err:  # recorded per input; user errors are AEFlowInputError
+            item["user_error"] = isinstance(err, AEFlowInputError)
+            item["error"] = str(err) if item["user_error"] else f"{type(err).__name__}: {err}"
+        item["load_seconds"] = time.perf_counter() - start
+        return item
+
+
+def _as_is(item: dict[str, Any]) -> dict[str, Any]:
+    return item
+
+
 def _score_locked(
     scorer: AnomalyScorer,
     inputs: Sequence[str | os.PathLike],
@@ -155,77 +192,61 @@ def _score_locked(
     from tqdm.auto import tqdm
 
     remove_leftovers(out_root, names)
-    incomplete: set[str] = set()
-
-    def check_outputs(path: str | os.PathLike) -> None:
-        kind = "image2d" if str(path).lower().endswith(IMAGE_2D_SUFFIXES) else "volume"
-        state = output_state(output_name(path), out_root, kind)
-        if state == "incomplete":
-            incomplete.add(output_name(path))
-        elif state == "complete" and not overwrite:
-            dest = next(p for p in output_paths(output_name(path), out_root, kind).values() if p.exists())
-            raise AEFlowInputError("output exists (use --overwrite to replace it)", path=dest)
-
-    def load(path: str | os.PathLike) -> tuple[dict[str, Any] | None, BaseException | None, float]:
-        start = time.perf_counter()
-        try:
-            check_outputs(path)
-            return scorer.preprocess(path, masks.get(str(path))), None, time.perf_counter() - start
-        except Exception as err:  # recorded per input; user errors are AEFlowInputError
-            return None, err, time.perf_counter() - start
-
+    queue = list(inputs)
+    loader = torch.utils.data.DataLoader(
+        _Loads(scorer, queue, out_root, overwrite, masks),
+        batch_size=None,
+        collate_fn=_as_is,
+        num_workers=max(0, workers),
+        prefetch_factor=2 if workers > 0 else None,
+    )
+    bar = tqdm(total=len(queue), desc="score", unit="input", disable=not progress)
     rows: list[dict[str, Any]] = []
-    pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
-    try:
-        pending: list[Future] = []
-        ahead = max(workers, 0) + 1
-        queue = list(inputs)
-        bar = tqdm(total=len(queue), desc="score", unit="input", disable=not progress)
-        next_i = 0
 
-        def submit() -> None:
-            nonlocal next_i
-            if pool is not None and next_i < len(queue):
-                pending.append(pool.submit(load, queue[next_i]))
-                next_i += 1
+    def write(row: dict[str, Any], result: ScoreResult, started: float) -> None:
+        try:
+            written = write_outputs(result, out_root, overwrite=overwrite, preview=preview, extra=extra_outputs)
+            row.update(status="ok", outputs={k: str(v) for k, v in written.items()})
+            row["timing"]["write_seconds"] = time.perf_counter() - started
+        except Exception as exc:  # the input fails, nothing half-written (write_outputs stages the group)
+            row.update(status="error", user_error=isinstance(exc, AEFlowInputError))
+            row["error"] = str(exc) if row["user_error"] else f"{type(exc).__name__}: {exc}"
+        row["seconds"] += time.perf_counter() - started
+        bar.update(1)
+        bar.set_postfix_str(f"{sum(r['status'] == 'error' for r in rows)} failed")
 
-        for _ in range(ahead):
-            submit()
-        for i, path in enumerate(queue):
-            if pool is not None:
-                data, err, load_s = pending.pop(0).result()
-                submit()
-            else:
-                data, err, load_s = load(path)
+    with BackgroundWriter(write) as writer:
+        for item in loader:
+            path = queue[item["index"]]
             row: dict[str, Any] = {"input": str(path), "name": output_name(path), "status": "error", "error": None}
-            start = time.perf_counter()
-            if err is None:
-                try:
-                    result = scorer.score_preprocessed(data)
-                    written = write_outputs(result, out_root, overwrite=overwrite, preview=preview, extra=extra_outputs)
-                    s = result.scores
-                    row.update(
-                        status="ok",
-                        volume_score=s["volume_score"],
-                        max_slice_score=s["max_slice_score"],
-                        lesion_voxels=s["lesion_voxels"],
-                        lesion_volume_ml=s["lesion_volume_ml"],
-                        model_seconds=s["timing"]["model_seconds"],
-                        outputs={k: str(v) for k, v in written.items()},
-                    )
-                    if row["name"] in incomplete:
-                        row["note"] = "replaced the incomplete outputs of an interrupted run"
-                except Exception as exc:  # one bad input must not stop the others
-                    err = exc
-            if err is not None:
-                row["error"] = str(err) if isinstance(err, AEFlowInputError) else f"{type(err).__name__}: {err}"
-                row["user_error"] = isinstance(err, AEFlowInputError)
-            row["seconds"] = load_s + time.perf_counter() - start
+            row["seconds"] = item["load_seconds"]
             rows.append(row)
-            bar.update(1)
-            bar.set_postfix_str(f"{i + 1 - sum(r['status'] == 'ok' for r in rows)} failed")
-        bar.close()
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            if item["error"] is not None:
+                row.update(error=item["error"], user_error=item["user_error"])
+                bar.update(1)
+                continue
+            start = time.perf_counter()
+            try:
+                result = scorer.score_preprocessed(item["data"])
+            except Exception as exc:  # one bad input must not stop the others
+                row.update(user_error=isinstance(exc, AEFlowInputError))
+                row["error"] = str(exc) if row["user_error"] else f"{type(exc).__name__}: {exc}"
+                row["seconds"] += time.perf_counter() - start
+                bar.update(1)
+                continue
+            s = result.scores
+            row.update(
+                status="writing",
+                volume_score=s["volume_score"],
+                max_slice_score=s["max_slice_score"],
+                lesion_voxels=s["lesion_voxels"],
+                lesion_volume_ml=s["lesion_volume_ml"],
+                model_seconds=s["timing"]["model_seconds"],
+                timing={"load_seconds": item["load_seconds"], **s["timing"]},
+            )
+            if item["incomplete"]:
+                row["note"] = "replaced the incomplete outputs of an interrupted run"
+            row["seconds"] += time.perf_counter() - start
+            writer.put(row, result, time.perf_counter())
+    bar.close()
     return rows

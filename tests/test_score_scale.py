@@ -1,0 +1,134 @@
+"""``aeflow-cli score`` at scale: decoding in worker processes and writing in a background thread give the same
+outputs as one process; a write error is recorded as before; post-processing in torch equals scipy; and
+``torchrun`` with 2 gloo processes scores every input exactly once, with outputs identical to one process.
+
+The model is a small random AE-FLOW (ResNet-18 layer3, ActNorm initialised on the volumes): these tests compare
+two ways of running the same model, so its quality does not matter.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from aeflow_cli.main import cli
+from monai_aeflow.checkpoint import save_model
+from monai_aeflow.data.synthetic import generate_cohort
+from monai_aeflow.inference import AnomalyScorer, score_paths
+from monai_aeflow.networks import AEFlow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cohort_and_model(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("scale")
+    cohort = generate_cohort(tmp / "data", 2, 3, seed=3, shape=(48, 48, 20), spacing=(3.0, 3.0, 3.0))
+    torch.manual_seed(0)
+    net = AEFlow(backbone="resnet18", backbone_weights=None, flow_blocks=2).eval()
+    net.initialize_flow(torch.rand(8, 1, 48, 48))
+    pp = {"residual": "absolute", "median_size": 3, "median_dims": 2, "min_component_size": 3}
+    model = save_model(
+        net,
+        tmp / "model.pt",
+        config={"preprocessing": {"spatial_size": [48, 48], "percentiles": [1.0, 99.0], "orientation": "RAS"}},
+        threshold=0.05,
+        threshold_protocol={"method": "fixed for the test", "postprocessing": pp},
+    )
+    return {"model": model, "images": [Path(r["image"]) for r in cohort]}
+
+
+def _outputs(folder: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for f in sorted(folder.glob("*.nii.gz")):
+        out[f.name] = np.asarray(nib.load(f).dataobj)
+    for f in sorted(folder.glob("*_scores.json")):
+        s = json.loads(f.read_text())
+        out[f.name] = np.array([s["volume_score"], s["lesion_voxels"]] + [v or 0 for v in s["slice_scores"]])
+    return out
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_worker_processes_and_background_writer_give_the_same_outputs(cohort_and_model, tmp_path):
+    scorer = AnomalyScorer(cohort_and_model["model"], device="cpu")
+    inputs = [*cohort_and_model["images"], tmp_path / "missing.nii.gz"]
+    rows = {}
+    for workers in (0, 2):
+        rows[workers] = score_paths(scorer, inputs, tmp_path / f"w{workers}", preview=False, workers=workers,
+                                    progress=False)  # fmt: skip
+    for w, r in rows.items():
+        assert [x["status"] for x in r] == ["ok"] * 5 + ["error"], w
+        assert "not found" in r[-1]["error"] and r[-1]["user_error"]
+        assert all(x["timing"]["write_seconds"] > 0 for x in r[:-1])
+    _same(_outputs(tmp_path / "w0"), _outputs(tmp_path / "w2"))
+    assert len(list((tmp_path / "w2").glob("*_anomaly.nii.gz"))) == 5
+
+
+def test_write_error_is_recorded_and_leaves_nothing_half_written(cohort_and_model, tmp_path, monkeypatch):
+    import monai_aeflow.inference.outputs as outputs
+
+    scorer = AnomalyScorer(cohort_and_model["model"], device="cpu")
+    calls = {"n": 0}
+    real = outputs.atomic_write_json
+
+    def failing(path, data):  # the scores JSON of the second input cannot be written
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(outputs, "atomic_write_json", failing)
+    images = cohort_and_model["images"][:3]
+    rows = score_paths(scorer, images, tmp_path, preview=False, workers=2, progress=False)
+    assert [r["status"] for r in rows] == ["ok", "error", "ok"]
+    assert "No space left on device" in rows[1]["error"] and not rows[1]["user_error"]
+    name = rows[1]["name"]
+    assert not list(tmp_path.glob(f"{name}*")) and not list(tmp_path.glob(f".{name}*"))
+
+
+def test_scorer_post_processing_in_torch_equals_scipy(cohort_and_model):
+    image = cohort_and_model["images"][-1]
+    ref = AnomalyScorer(cohort_and_model["model"], device="cpu").score(image)
+    got = AnomalyScorer(cohort_and_model["model"], device="cpu", postprocess_device="torch-cpu").score(image)
+    assert ref.lesion_mask.sum() > 0
+    np.testing.assert_array_equal(got.lesion_mask, ref.lesion_mask)
+    np.testing.assert_array_equal(got.anomaly_map, ref.anomaly_map)
+
+
+def test_torchrun_two_gloo_ranks_score_each_input_once_like_one_process(cohort_and_model, tmp_path):
+    images = [str(p) for p in cohort_and_model["images"]]
+    model = str(cohort_and_model["model"])
+    one = CliRunner().invoke(cli, ["score", *images, "-m", model, "-o", str(tmp_path / "one"), "--device", "cpu",
+                                   "--quiet", "--no-preview", "--workers", "0"])  # fmt: skip
+    assert one.exit_code == 0, one.output
+    missing = str(tmp_path / "missing.nii.gz")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "cli")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "aeflow_cli",
+           "score", *images, missing, "-m", model, "-o", str(tmp_path / "two"), "--device", "cpu", "--quiet",
+           "--no-preview", "--workers", "0"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    # the missing input is a user's error: rank 0 exits 2, the other rank 0 (torchrun itself then returns 1)
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stdout + proc.stderr
+    assert "rank      : 1" not in proc.stderr and "monai_aeflow/" not in proc.stderr  # no rank's traceback
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "not found" in errors[0], proc.stderr  # rank 0 reports, once
+    with open(tmp_path / "two" / "summary.csv", newline="") as handle:
+        summary = list(csv.DictReader(handle))
+    assert [r["input"] for r in summary] == [*images, missing]
+    assert [r["status"] for r in summary] == ["ok"] * 5 + ["error"]
+    _same(_outputs(tmp_path / "one"), _outputs(tmp_path / "two"))

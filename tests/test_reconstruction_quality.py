@@ -135,3 +135,77 @@ def test_scored_cases_report_healthy_slices_only_and_nothing_without_reconstruct
     assert got["n_images"] == 5 and got["psnr"] == pytest.approx(psnr, rel=1e-5)
     assert got["ssim"] == pytest.approx(ssim, abs=1e-4) and got["mse"] == pytest.approx(mse, rel=1e-5)
     assert reconstruction_quality([{"map": image, "label": label, "mask": mask}]) == {}
+
+
+# ---------------------------------------------------------------- does the decoder reconstruct, or is it a grey blob?
+
+SHAPE = (64, 64, 24)
+
+
+def _mse_ratio(reconstruction: np.ndarray, test: np.ndarray, train_images: np.ndarray) -> float:
+    """Held-out MSE of a reconstruction over the MSE of predicting the mean training image (1: a grey blob)."""
+    mean_image = train_images.mean(0, keepdims=True)
+    return float(((reconstruction - test) ** 2).mean() / ((mean_image - test) ** 2).mean())
+
+
+@pytest.fixture(scope="module")
+def healthy_slices() -> tuple[np.ndarray, np.ndarray]:
+    from monai_aeflow.data.synthetic import make_slices
+
+    train_s = make_slices(3, lesion=False, seed=1, shape=SHAPE)["image"]
+    test_s = make_slices(1, lesion=False, seed=4, shape=SHAPE)["image"]
+    return train_s, test_s
+
+
+def test_the_reconstruction_check_rejects_grey_blobs(healthy_slices):
+    """The check ``held-out MSE < 0.5 x mean-image MSE`` fails for a mean-image predictor, a blurred image and an
+    untrained AE-FLOW decoder, and passes for a reconstruction that keeps the anatomy (a 1-pixel blur)."""
+    from scipy import ndimage
+
+    from monai_aeflow.networks import AEFlow
+
+    train_s, test_s = healthy_slices
+    mean_image = np.broadcast_to(train_s.mean(0, keepdims=True), test_s.shape)
+    assert _mse_ratio(mean_image, test_s, train_s) == pytest.approx(1.0)
+    assert _mse_ratio(ndimage.gaussian_filter(test_s, (0, 0, 3, 3)), test_s, train_s) > 0.5
+    assert _mse_ratio(ndimage.gaussian_filter(test_s, (0, 0, 1, 1)), test_s, train_s) < 0.5
+    torch.manual_seed(0)
+    net = AEFlow(backbone="efficientnet_lite0", backbone_weights="imagenet").eval()
+    with torch.no_grad():
+        untrained = net(torch.from_numpy(test_s)).x_rec.numpy()
+    ratio = _mse_ratio(untrained, test_s, train_s)
+    print(f"untrained AE-FLOW decoder: held-out MSE / mean-image MSE = {ratio:.3f}")
+    assert ratio > 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="at 64x64 (4x4 bottleneck) and a test-sized budget the decoders stay near the mean image: measured "
+    "held-out MSE ratios 0.6-0.8 (AE, 100-600 steps) and 0.72-0.82 (AE-FLOW with the pretrained Lite0 encoder); "
+    "strict: the test fails as soon as both reconstruct, and the mark must then go",
+)
+@pytest.mark.parametrize("name", ["ae", "aeflow"])
+def test_trained_decoder_beats_the_mean_image(name, healthy_slices, tmp_path):
+    from monai_aeflow.networks import AEFlow
+
+    train_s, test_s = healthy_slices
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        if name == "aeflow":
+            net = AEFlow(backbone="efficientnet_lite0", backbone_weights="imagenet")
+        else:
+            net = ConvAutoEncoder(channels=(16, 32, 64, 128))
+        items = [{"image": torch.from_numpy(im)} for im in train_s]
+        loader = DataLoader(items, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+        cfg = TrainingConfig(output_dir=str(tmp_path), max_epochs=10, lr=3e-3, progress=False, seed=0)
+        model, _ = load_model(train(net, loader, None, cfg)["model_path"])
+        with torch.no_grad():
+            rec = model.eval()(torch.from_numpy(test_s)).x_rec.numpy()
+    finally:
+        torch.set_num_threads(threads)
+    ratio = _mse_ratio(rec, test_s, train_s)
+    print(f"{name}: held-out MSE / mean-image MSE = {ratio:.3f}")
+    assert ratio < 0.5

@@ -9,6 +9,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from aeflow_cli.main import cli
+from monai_aeflow.checkpoint import load_model
 
 
 def test_demo_tiny(tmp_path):
@@ -36,8 +37,18 @@ def test_demo_tiny(tmp_path):
     )
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "results" / "metrics.json").read_text())
-    assert metrics["backbone_weights"] == "random"
+    assert metrics["backbone_weights"] == "random" and metrics["backbone"] == "efficientnet_lite0"
+    assert metrics["encoder_weights"] == {
+        "backbone": "efficientnet_lite0",
+        "source": "random",
+        "file": None,
+        "sha256": None,
+    }
     assert 0.0 <= metrics["pixel_auroc_brain"] <= 1.0
+    # the intensity baseline on the same test subjects
+    assert metrics["intensity"]["model"] == "intensity" and 0.0 <= metrics["intensity"]["pixel_auroc_brain"] <= 1.0
+    _, ckpt = load_model(out / "model" / "model.pt")
+    assert ckpt["config"]["encoder_weights"] == metrics["encoder_weights"]
     for o in metrics["outputs"]:
         src = nib.load(out / "data" / f"{o['subject_id']}_image.nii.gz")
         amap = nib.load(o["anomaly_map"])

@@ -5,7 +5,9 @@ Measured in the same run, so that the ratios hold on a shared, noisy machine:
 1. slices/s of the batched scorer (:func:`monai_aeflow.inference.score_slices`) against a per-slice loop calling
    the same model, for the light (ResNet-18) and the paper's (Wide-ResNet-50-2) backbone;
 2. the model's achieved FLOP/s (FLOPs counted by ``torch.utils.flop_counter``) against the machine's measured
-   ``torch.matmul`` peak;
+   ``torch.matmul`` peak (on CUDA bfloat16 at 8192^3, the scorer's autocast dtype; on CPU float32 at 2048^3),
+   the peak GPU memory per backbone and size, and with ``--profile`` a ``torch.profiler`` summary of one
+   batched run (top operators, device idle share, synchronisations, host-to-device copies);
 3. end-to-end :class:`~monai_aeflow.inference.AnomalyScorer` time for one 240 x 240 x 155 volume (loading,
    preprocessing, model, inverse transforms, post-processing, writing) against the model-only time, and the
    peak resident memory;
@@ -14,7 +16,7 @@ Measured in the same run, so that the ratios hold on a shared, noisy machine:
 Usage::
 
     python benchmarks/bench_score.py                  # CPU
-    python benchmarks/bench_score.py --device cuda    # GPU (also volumes/s)
+    python benchmarks/bench_score.py --device cuda --sizes 128,256 --slices 128 --profile   # GPU
 """
 
 from __future__ import annotations
@@ -53,9 +55,12 @@ def _best_of(fn, repeats: int, device: torch.device) -> float:
     return min(times)
 
 
-def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """Measured FLOP/s of a square float32 matmul (float16 on CUDA, as AMP runs the model)."""
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+def matmul_peak(device: torch.device, n: int | None = None, repeats: int = 5) -> float:
+    """Measured FLOP/s of a square matmul: bfloat16 at 8192^3 on CUDA (the scorer's autocast), float32 at 2048^3
+    on CPU."""
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 2048)
+    dtype = torch.bfloat16 if cuda else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     torch.matmul(a, b)
@@ -70,26 +75,63 @@ def model_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def bench_backbone(backbone: str, device: torch.device, size: int, n_slices: int, repeats: int) -> dict:
+def profile_summary(fn, device: torch.device, top: int = 12) -> dict:
+    """``torch.profiler`` of one call: top operators by self time, device idle share, syncs and copies."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+
+    def self_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", 0.0) if cuda else e.self_cpu_time_total)
+
+    busy = sum(self_us(e) for e in events) / 1e6
+    return {
+        "wall_seconds": wall,
+        "busy_seconds": busy,
+        "device_idle_fraction": max(0.0, 1.0 - busy / wall) if cuda else None,
+        "sync_or_item_calls": sum(e.count for e in events if "synchronize" in e.key.lower() or e.key == "aten::item"),
+        "host_to_device_copies": sum(e.count for e in events if "HtoD" in e.key),
+        "device_to_host_copies": sum(e.count for e in events if "DtoH" in e.key),
+        "top_ops": [
+            {"op": e.key, "self_ms": self_us(e) / 1e3, "calls": e.count}
+            for e in sorted(events, key=self_us, reverse=True)[:top]
+        ],
+    }
+
+
+def bench_backbone(
+    backbone: str, device: torch.device, size: int, n_slices: int, repeats: int, peak: float, profile: bool = False
+) -> dict:
     """Slices/s of the batched scorer (its default batch size) against a per-slice loop of the same model."""
     # channels-last weights, as AnomalyScorer prepares the network
     net = AEFlow(backbone=backbone, backbone_weights=None).to(device).eval().to(memory_format=torch.channels_last)
     images = torch.rand(n_slices, 1, size, size)
-    amp = device.type == "cuda"
     batch = default_batch_size(device, size, size)
 
     def batched() -> None:
-        score_slices(net, images, batch_size=batch, amp=amp)
+        score_slices(net, images, batch_size=batch)  # bfloat16 autocast on CUDA (the default)
 
     def loop() -> None:
         for i in range(n_slices):
-            score_slices(net, images[i : i + 1], batch_size=1, amp=amp)
+            score_slices(net, images[i : i + 1], batch_size=1)
 
     batched()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t_batched = _best_of(batched, repeats, device)
-    t_loop = _best_of(loop, repeats, device)
+    t_loop = _best_of(loop, max(1, repeats // 2), device)
     flops = model_flops(net, images[:1].to(device)) * n_slices
-    peak = matmul_peak(device)
+    extra = {"peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20} if device.type == "cuda" else {}
+    if profile:
+        extra["profile"] = profile_summary(batched, device)
     return {
         "backbone": backbone,
         "slice_size": size,
@@ -102,6 +144,7 @@ def bench_backbone(backbone: str, device: torch.device, size: int, n_slices: int
         "achieved_gflop_per_s": flops / t_batched / 1e9,
         "matmul_peak_gflop_per_s": peak / 1e9,
         "fraction_of_matmul_peak": flops / t_batched / peak,
+        **extra,
     }
 
 
@@ -155,6 +198,8 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backbones", default="resnet18,wide_resnet50_2")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler summary of each batched run")
+    parser.add_argument("--no-end-to-end", action="store_true", help="skip the one-volume end-to-end test")
     parser.add_argument(
         "--e2e-backbone", default=None, help="backbone of the end-to-end test (default: resnet18 on CPU)"
     )
@@ -166,15 +211,22 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "throughput": [
-            bench_backbone(b, device, int(size), args.slices, args.repeats)
-            for b in args.backbones.split(",")
-            for size in args.sizes.split(",")
-        ],
     }
-    e2e = args.e2e_backbone or ("wide_resnet50_2" if device.type == "cuda" else "resnet18")
-    with tempfile.TemporaryDirectory() as tmp:
-        report["end_to_end"] = bench_end_to_end(e2e, device, Path(tmp))
+    peak = matmul_peak(device)
+    report["matmul_peak"] = {
+        "dtype": "bfloat16" if device.type == "cuda" else "float32",
+        "n": 8192 if device.type == "cuda" else 2048,
+        "gflop_per_s": peak / 1e9,
+    }
+    report["throughput"] = [
+        bench_backbone(b, device, int(size), args.slices, args.repeats, peak, args.profile)
+        for b in args.backbones.split(",")
+        for size in args.sizes.split(",")
+    ]
+    if not args.no_end_to_end:
+        e2e = args.e2e_backbone or ("wide_resnet50_2" if device.type == "cuda" else "resnet18")
+        with tempfile.TemporaryDirectory() as tmp:
+            report["end_to_end"] = bench_end_to_end(e2e, device, Path(tmp))
     json.dump(report, sys.stdout, indent=2)
     print()
 

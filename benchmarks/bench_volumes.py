@@ -1,0 +1,163 @@
+"""Sustained end-to-end scoring of many 240 x 240 x 155 volumes from ``.nii.gz`` files on disk; prints one JSON.
+
+What ``aeflow-cli score`` does for a folder of volumes (:func:`monai_aeflow.inference.score_paths`): decoding
+and preprocessing in ``--workers`` DataLoader processes, the network, the inverse transforms and the
+post-processing (on the scorer's device), and writing in a background thread. Reported: volumes/s over the
+whole run (after one warm-up volume), the time split per stage summed over the volumes (decode runs in the
+workers, so it overlaps the rest), wall time over network time (the target on CPU: <= 1.3), the peak GPU
+memory, and optionally a ``torch.profiler`` summary of one volume.
+
+Usage::
+
+    python benchmarks/bench_volumes.py --device cpu --volumes 10 --backbone resnet18
+    python benchmarks/bench_volumes.py --device cuda --volumes 100 --backbone wide_resnet50_2 --workers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from monai_aeflow.checkpoint import save_model
+from monai_aeflow.data.synthetic import generate_cohort
+from monai_aeflow.inference import AnomalyScorer, score_paths
+from monai_aeflow.networks import AEFlow
+
+
+def make_inputs(work: Path, n: int, shape: tuple[int, int, int]) -> list[Path]:
+    """``n`` copies (distinct files, each decoded on its own) of two generated lesioned volumes."""
+    cohort = generate_cohort(work / "gen", 0, 2, seed=5, shape=shape, spacing=(1.0, 1.0, 1.0))
+    sources = [Path(r["image"]) for r in cohort]
+    inputs = []
+    for i in range(n):
+        dest = work / "inputs" / f"vol{i:04d}.nii.gz"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sources[i % len(sources)], dest)
+        inputs.append(dest)
+    return inputs
+
+
+def make_model(work: Path, backbone: str, size: int) -> Path:
+    """A random-weight model file (the speed does not depend on the weights), with a threshold so that the
+    lesion mask is post-processed too."""
+    torch.manual_seed(0)
+    net = AEFlow(backbone=backbone, backbone_weights=None).eval()
+    net.initialize_flow(torch.rand(4, 1, size, size))
+    prep = {"spatial_size": [size, size], "percentiles": [1.0, 99.0], "orientation": "RAS"}
+    return save_model(net, work / f"{backbone}.pt", {"preprocessing": prep}, threshold=0.2)
+
+
+def profile_one(scorer: AnomalyScorer, image: Path) -> dict:
+    """Top operators of one volume (self time) and the device's idle share of the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if scorer.device.type == "cuda" else [])
+    data = scorer.preprocess(image)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        scorer.score_preprocessed(data)
+        if scorer.device.type == "cuda":
+            torch.cuda.synchronize(scorer.device)
+    wall = time.perf_counter() - start
+    cuda = scorer.device.type == "cuda"
+    events = prof.key_averages()
+
+    def self_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", 0.0) if cuda else e.self_cpu_time_total)
+
+    top = sorted(events, key=self_us, reverse=True)[:12]
+    busy = sum(self_us(e) for e in events) / 1e6
+    return {
+        "wall_seconds": wall,
+        "device_busy_seconds" if cuda else "cpu_op_seconds": busy,
+        "device_idle_fraction": max(0.0, 1.0 - busy / wall) if cuda else None,
+        "sync_calls": sum(e.count for e in events if "synchronize" in e.key.lower() or e.key == "aten::item"),
+        "host_to_device_copies": sum(e.count for e in events if "Memcpy HtoD" in e.key),
+        "top_ops": [{"op": e.key, "self_ms": self_us(e) / 1e3, "calls": e.count} for e in top],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--volumes", type=int, default=100)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: 2 CPU, 8 CUDA)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--amp-dtype", default=None, choices=["bfloat16", "float16", "none"])
+    parser.add_argument("--shape", default="240,240,155")
+    parser.add_argument("--profile", action="store_true", help="add a torch.profiler summary of one volume")
+    parser.add_argument("--work", default=None, help="folder for the generated volumes (default: a temporary one)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    shape = tuple(int(s) for s in args.shape.split(","))
+    workers = args.workers if args.workers is not None else (8 if device.type == "cuda" else 2)
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        inputs = make_inputs(work, args.volumes + 1, shape)
+        gen_s = time.perf_counter() - t0
+        model = make_model(work, args.backbone, (shape[0] + 15) // 16 * 16)
+        scorer = AnomalyScorer(model, device=device, batch_size=args.batch_size, amp_dtype=args.amp_dtype)
+        score_paths(scorer, inputs[:1], work / "warmup", preview=False, workers=0, progress=False)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        rows = score_paths(scorer, inputs[1:], work / "out", preview=False, workers=workers, progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - start
+        ok = [r for r in rows if r["status"] == "ok"]
+        split = {
+            k: sum(r["timing"].get(k, 0.0) for r in ok)
+            for k in ("load_seconds", "model_seconds", "postprocess_seconds", "write_seconds")
+        }
+        report = {
+            "benchmark": "volumes",
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "cpu_count": os.cpu_count(),
+            "note": "shared machine: other processes may run at the same time",
+            "backbone": args.backbone,
+            "volume_shape": list(shape),
+            "volumes": len(rows),
+            "ok": len(ok),
+            "workers": workers,
+            "amp_dtype": str(scorer.amp_dtype),
+            "postprocess_device": scorer.postprocess_device,
+            "generate_seconds": gen_s,
+            "wall_seconds": wall,
+            "volumes_per_second": len(ok) / wall,
+            "time_split_seconds": {
+                "decode (in workers, overlapped)": split["load_seconds"],
+                "network": split["model_seconds"],
+                "inverse transforms + post-processing": split["postprocess_seconds"],
+                "write (background thread)": split["write_seconds"],
+            },
+            "end_to_end_over_network": wall / max(split["model_seconds"], 1e-9),
+            "scored_slices_per_volume": None,
+        }
+        if ok:
+            first = json.loads(Path(ok[0]["outputs"]["scores"]).read_text())
+            report["scored_slices_per_volume"] = first["scored_slices"]
+        if device.type == "cuda":
+            report["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        if args.profile:
+            report["profile_one_volume"] = profile_one(scorer, inputs[0])
+    json.dump(report, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()

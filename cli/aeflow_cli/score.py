@@ -167,7 +167,12 @@ def _run(
     help="Brain mask of the (single) input; default: from nonzero voxels.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (per-input files and summary.csv).")
-@click.option("--workers", type=click.IntRange(0), default=None, help="Inputs loaded ahead in background threads.")
+@click.option(
+    "--workers",
+    type=click.IntRange(0),
+    default=None,
+    help="Processes decoding the next inputs while the model runs (0: in this process; default 2 on CUDA, else 1).",
+)
 @click.option("--no-preview", is_flag=True, help="Do not write the PNG previews.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table.")
 @click.option(

@@ -360,7 +360,7 @@ def main() -> None:
     parser.add_argument("--modalities", default="flair,t1c")
     parser.add_argument("--folds", default="0,1,2,3")
     parser.add_argument("--recipes", default="2e-4:noaug,1e-3:noaug,1e-3:aug", help="lr:aug|noaug, comma-separated")
-    parser.add_argument("--epochs", default="10,30", help="epoch snapshots evaluated (the last is trained)")
+    parser.add_argument("--epochs", default="5,15", help="epoch snapshots evaluated (the last is trained)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="fold 0, lr 1e-3 without augmentation, 3 epochs")

@@ -76,7 +76,7 @@ def test_region_labels_for_each_naming(tmp_path, scheme, region):
             assert got.sum() < (raw > 0).sum()  # a strict sub-region of the tumour
         # The evaluation reader gives the same region from the label file.
         case = {"map": np.zeros(SHAPE, np.float32), "label": record["label"], "name": "c"}
-        values = None if region == "wt" else record["label_values"]
+        values = None if region == "wt" else record["region_labels"]
         assert np.array_equal(load_case(case, label_values=values)["label"], expected)
 
 
@@ -100,6 +100,7 @@ def test_training_slices_hold_no_tumour_label_whatever_the_region(tmp_path):
             dataset="brats",
             subjects=subjects,
             spatial_size=SHAPE[:2],
+            spacing=1.0,  # goes through the resampling (MONAI treats "label_*" keys as meta dicts there)
             min_area_fraction=0.0,
             region=region,
         )
@@ -109,7 +110,7 @@ def test_training_slices_hold_no_tumour_label_whatever_the_region(tmp_path):
         assert len(healthy) == SHAPE[2] - 5 and len(data.train) == 2 * len(healthy)
         for item in data.train:
             assert not torch.as_tensor(item["label"]).any()
-        assert all("label_values" not in r for r in data.splits["train"])
+        assert all("region_labels" not in r for r in data.splits["train"])
         # evaluation labels: the region
         expected = np.isin(raws[3], sorted(EXPECTED["2017-2021"][region]))
         assert np.array_equal(torch.as_tensor(data.val[0]["label"])[0].numpy().astype(bool), expected)
@@ -143,11 +144,11 @@ def test_real_brats2015_tumour_core(shared_data):
     if not root.is_dir():
         pytest.skip("brats2015_dev not present")
     records = index_brats(root, modality="t1c", region="tc")
-    assert len(records) == 4 and all(r["label_values"] == [1, 3, 4] for r in records)
+    assert len(records) == 4 and all(r["region_labels"] == [1, 3, 4] for r in records)
     for record in records[:2]:
         raw = np.asarray(nib.load(record["label"]).dataobj)
         assert set(np.unique(raw).astype(int)) <= {0, 1, 2, 3, 4}
-        out = BinarizeLabeld()({"label": torch.as_tensor(raw[None]), "label_values": record["label_values"]})
+        out = BinarizeLabeld()({"label": torch.as_tensor(raw[None]), "region_labels": record["region_labels"]})
         core = out["label"][0].numpy().astype(bool)
         assert np.array_equal(core, np.isin(raw, [1, 3, 4]))
         assert 0 < core.sum() < (raw > 0).sum()  # the core leaves the oedema out

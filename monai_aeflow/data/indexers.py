@@ -156,7 +156,7 @@ def brats_region_labels(scheme: str, region: str) -> tuple[int, ...] | None:
 
 
 def with_brats_region(records: Sequence[dict[str, Any]], region: str = "wt") -> list[dict[str, Any]]:
-    """Records whose lesion label is a BraTS region: ``label_values`` holds the region's labels.
+    """Records whose lesion label is a BraTS region: ``region_labels`` holds the region's labels.
 
     The label naming of each record is read from its segmentation's file name (:func:`brats_label_scheme`).
     The whole tumour changes nothing (``label > 0``); records without a label are left as they are.
@@ -168,7 +168,7 @@ def with_brats_region(records: Sequence[dict[str, Any]], region: str = "wt") -> 
         region: ``"wt"``, ``"tc"`` or ``"et"``.
 
     Returns:
-        New records (copies), with ``region`` and ``label_values`` for tc and et.
+        New records (copies), with ``region`` and ``region_labels`` for tc and et.
 
     Raises:
         AEFlowInputError: an unknown region, or a label that is not a BraTS segmentation.
@@ -180,7 +180,7 @@ def with_brats_region(records: Sequence[dict[str, Any]], region: str = "wt") -> 
         label = record.get("label")
         if region != "wt" and isinstance(label, str | os.PathLike):
             record["region"] = region
-            record["label_values"] = list(brats_region_labels(brats_label_scheme(label), region) or ())
+            record["region_labels"] = list(brats_region_labels(brats_label_scheme(label), region) or ())
         out.append(record)
     return out
 
@@ -203,7 +203,7 @@ def index_brats(
 
     The tumour is ``label > 0`` (see :class:`~monai_aeflow.data.transforms.BinarizeLabeld`) for the whole
     tumour; ``region="tc"`` or ``"et"`` keeps the labels of the tumour core or the enhancing tumour in the
-    naming of the case (:data:`BRATS_REGION_LABELS`): the records get ``region`` and ``label_values``. Use it for
+    naming of the case (:data:`BRATS_REGION_LABELS`): the records get ``region`` and ``region_labels``. Use it for
     evaluation records only; training slices must be free of every tumour label (see :func:`with_brats_region`).
 
     Args:

@@ -425,8 +425,9 @@ class BinarizeLabeld(MapTransform):
     """Turn a lesion label map into a binary uint8 mask: lesion = ``label > threshold``.
 
     BraTS labels 1, 2, 3 (or 4) all become 1. Integer image-level labels are left as they are. A data dict
-    with ``"<key>_values"`` (a list of label values, e.g. a BraTS region from
-    :func:`~monai_aeflow.data.indexers.with_brats_region`) makes only those values lesion.
+    with ``"region_labels"`` (a list of label values, e.g. a BraTS region from
+    :func:`~monai_aeflow.data.indexers.with_brats_region`; not ``"label_..."``: MONAI takes such keys for meta
+    dicts) makes only those values lesion.
 
     Args:
         keys: label keys.
@@ -442,7 +443,7 @@ class BinarizeLabeld(MapTransform):
         d = dict(data)
         for key in _present(self, d):
             if isinstance(d[key], torch.Tensor):
-                values = d.get(f"{key}_values")
+                values = d.get("region_labels")
                 if values is not None:  # a region: only these label values are lesion
                     lesion = torch.isin(d[key], torch.as_tensor(list(values), dtype=d[key].dtype))
                 else:

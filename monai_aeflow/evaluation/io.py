@@ -225,7 +225,7 @@ def load_case(
         reorient: bring NIfTI inputs to RAS axis order.
         warn_labels: warn when the label has values other than 0 and 1 (see :func:`check_label_values`).
         label_values: the label values that are lesion (e.g. a BraTS region: ``(1, 3, 4)``, the tumour core of
-            2013-2015 labels); ``None``: ``label > 0``. The case's own ``"label_values"`` wins when it has one.
+            2013-2015 labels); ``None``: ``label > 0``. The case's own ``"region_labels"`` wins when it has one.
 
     Returns:
         ``{"name", "residual", "label", "mask", "image", "reconstruction"}`` (``image`` and
@@ -273,7 +273,7 @@ def load_case(
         return np.asarray(a, dtype=np.float32)
 
     out: dict[str, Any] = {"name": str(case.get("name") or (case_name(label_path) if label_path else "case"))}
-    values = case.get("label_values", label_values)
+    values = case.get("region_labels", label_values)
     if values is not None:  # a region of a multi-class label: no warning, the values are chosen
         out["label"] = arr("label", lambda a: np.isin(a, np.asarray(list(values), dtype=a.dtype)))
     else:

@@ -99,8 +99,8 @@ def evaluate_volumes(
             if label is None:
                 label = _zero_label(written["anomaly"], folder / f"{result.name}_zerolabel.nii.gz")
             case = {"name": result.name, "map": written["anomaly"], "label": label, "mask": mask_path}
-            if record.get("label_values") is not None:  # a BraTS region (see data.indexers.with_brats_region)
-                case["label_values"] = list(record["label_values"])
+            if record.get("region_labels") is not None:  # a BraTS region (see data.indexers.with_brats_region)
+                case["region_labels"] = list(record["region_labels"])
             cases[split].append(case)
     result = evaluate_maps(cases["val"], cases["test"], config)
     write_report(result, out / "report", plots=plots)

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from aeflow_cli.main import cli
 from monai_aeflow import compare as compare_module
+from monai_aeflow.checkpoint import load_model
 
 TINY = ["--synthetic", "--n-train", "2", "--shape", "64", "64", "32", "--bootstrap", "0", "--grid-size", "256"]
 
@@ -56,7 +57,8 @@ def test_a_failing_model_is_recorded_and_the_others_complete(tmp_path, monkeypat
 def test_compare_reports_sweep_and_greedy_thresholds(tmp_path):
     cfg = compare_module.CompareConfig(
         output_dir=str(tmp_path / "cmp"),
-        models=["intensity"],
+        models=["intensity", "ae"],
+        model_args={"ae": {"channels": [8, 16, 32, 64]}},
         data=compare_module.DataConfig(
             synthetic=compare_module.SyntheticCohortConfig(n_train=2, shape=(64, 64, 32)),
         ),
@@ -81,3 +83,12 @@ def test_compare_reports_sweep_and_greedy_thresholds(tmp_path):
     # The intensity baseline does not reconstruct: no PSNR / SSIM, not a made-up number.
     assert math.isnan(row["val_psnr"]) and math.isnan(row["val_ssim"])
     assert "DICE_T (greedy thr.)" in result["markdown"] and "val PSNR" in result["markdown"]
+    # The autoencoder reconstructs: PSNR / SSIM of the healthy validation slices, also in its model file.
+    ae_row = result["rows"][1]
+    assert 0.0 < ae_row["val_psnr"] < 100.0 and -1.0 <= ae_row["val_ssim"] <= 1.0
+    _, ckpt = load_model(result["results"]["ae"]["info"]["model_path"])
+    stored = ckpt["config"]["training"]["metrics"]
+    assert stored["val_psnr"] == pytest.approx(ae_row["val_psnr"]) and stored["val_ssim"] == pytest.approx(
+        ae_row["val_ssim"]
+    )
+    assert ckpt["config"]["training"]["reconstruction"]["n_images"] > 0

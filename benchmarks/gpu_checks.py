@@ -6,6 +6,8 @@
 2. Post-processing on the GPU equals scipy: :func:`postprocess_map_torch` / :func:`segment_torch` on CUDA
    against :mod:`monai_aeflow.evaluation.postprocess` on random 240 x 240 x 155 volumes (2D and 3D settings),
    with the time of each.
+3. The scorer's inverse transforms and post-processing on the device against the same on the CPU
+   (``postprocess_device="cpu"``), same network outputs: max map difference and mask agreement.
 
 Usage::
 
@@ -82,6 +84,43 @@ def postprocess_check(device: torch.device, shape: tuple[int, int, int]) -> list
     return rows
 
 
+def scorer_check(device: torch.device, backbone: str, shape: tuple[int, int, int]) -> dict:
+    import tempfile
+    from pathlib import Path
+
+    from monai_aeflow.checkpoint import save_model
+    from monai_aeflow.data.synthetic import generate_cohort
+    from monai_aeflow.inference import AnomalyScorer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        image = generate_cohort(Path(tmp), 0, 1, seed=2, shape=shape, spacing=(1.0, 1.0, 1.0))[0]["image"]
+        torch.manual_seed(0)
+        net = AEFlow(backbone=backbone, backbone_weights=None).eval()
+        size = (shape[0] + 15) // 16 * 16
+        net.initialize_flow(torch.rand(4, 1, size, size))
+        prep = {"spatial_size": [size, size], "percentiles": [1.0, 99.0], "orientation": "RAS"}
+        model = save_model(net, Path(tmp) / "m.pt", {"preprocessing": prep}, threshold=0.05)
+        on_device = AnomalyScorer(model, device=device)
+        data = on_device.preprocess(image)
+        t = time.perf_counter()
+        a = on_device.score_preprocessed(data)
+        dev_s = time.perf_counter() - t
+        on_cpu = AnomalyScorer(model, device=device, postprocess_device="cpu")
+        t = time.perf_counter()
+        b = on_cpu.score_preprocessed(on_cpu.preprocess(image))
+        cpu_s = time.perf_counter() - t
+    return {
+        "max_abs_map_diff": float(np.abs(a.anomaly_map - b.anomaly_map).max()),
+        "mask_voxels_device": int(a.lesion_mask.sum()),
+        "mask_voxels_cpu": int(b.lesion_mask.sum()),
+        "mask_disagreement_voxels": int((a.lesion_mask != b.lesion_mask).sum()),
+        "score_seconds_device_after_network": dev_s,
+        "score_seconds_cpu_after_network": cpu_s,
+        "timing_device": a.scores["timing"],
+        "timing_cpu": b.scores["timing"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -93,7 +132,9 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {"benchmark": "gpu_checks", "device": name, "torch": torch.__version__}
     report["autocast"] = amp_check(device, args.backbone, args.size)
-    report["postprocess"] = postprocess_check(device, tuple(int(v) for v in args.shape.split(",")))
+    shape = tuple(int(v) for v in args.shape.split(","))
+    report["postprocess"] = postprocess_check(device, shape)
+    report["scorer_device_vs_cpu_after_network"] = scorer_check(device, args.backbone, shape)
     json.dump(report, sys.stdout, indent=2)
     print()
 

@@ -151,8 +151,9 @@ class AnomalyScorer:
         amp_dtype: autocast dtype, ``"bfloat16"`` (the CUDA default), ``"float16"`` or ``"none"``; None: the
             device's default (see :func:`~monai_aeflow.device.resolve_amp_dtype`). The flow's densities and
             log-determinants and the SSIM term are float32 whatever the autocast.
-        postprocess_device: where the lesion mask is post-processed: None for the scorer's device (scipy on
-            the CPU, :mod:`~monai_aeflow.inference.postprocess_torch` elsewhere), ``"torch-cpu"``...
+        postprocess_device: where the inverse transforms and the lesion mask's post-processing run: None for the
+            scorer's device (scipy on the CPU, :mod:`~monai_aeflow.inference.postprocess_torch` elsewhere),
+            ``"cpu"`` for both on the CPU, ``"torch-cpu"`` for the torch post-processing on the CPU.
         min_brain_voxels: axial slices with fewer brain voxels than this are not scored (map 0, score null).
         postprocessing: overrides of the stored post-processing (see
             :class:`~monai_aeflow.evaluation.postprocess.PostprocessConfig`).
@@ -201,6 +202,7 @@ class AnomalyScorer:
         self.amp = amp
         self.amp_dtype = resolve_amp_dtype(amp_dtype, self.device, amp)
         self.postprocess_device = str(postprocess_device or self.device)
+        self._after = self.device if self.postprocess_device != "cpu" else torch.device("cpu")  # inverse transforms
         self.min_brain_voxels = int(min_brain_voxels)
         stored = self.checkpoint.get("threshold")
         self.threshold = float(threshold) if threshold is not None else (None if stored is None else float(stored))
@@ -371,8 +373,8 @@ class AnomalyScorer:
         pipeline = self.pipeline("volume")
         inv = {
             "image": image,
-            "anomaly_map": MetaTensor(torch.from_numpy(amap[None]), meta=dict(image.meta)),
-            "brain": MetaTensor(torch.from_numpy(brain[None].astype(np.float32)), meta=dict(image.meta)),
+            "anomaly_map": MetaTensor(torch.from_numpy(amap[None]).to(self._after), meta=dict(image.meta)),
+            "brain": MetaTensor(torch.from_numpy(brain[None] * np.float32(1)).to(self._after), meta=dict(image.meta)),
         }
         inv["anomaly_map"].applied_operations = list(image.applied_operations)
         inv["brain"].applied_operations = list(image.applied_operations)
@@ -380,8 +382,8 @@ class AnomalyScorer:
             back = Invertd(keys=("anomaly_map", "brain"), transform=pipeline, orig_keys="image", nearest_interp=False)(
                 inv
             )
-        map_in = np.ascontiguousarray(back["anomaly_map"][0].numpy().astype(np.float32))
-        brain_in = back["brain"][0].numpy() > 0.5
+        map_in = np.ascontiguousarray(back["anomaly_map"][0].cpu().numpy().astype(np.float32))
+        brain_in = back["brain"][0].cpu().numpy() > 0.5
         map_in[~brain_in] = 0.0
         affine = np.asarray(back["anomaly_map"].affine, dtype=np.float64)
         return self._finish(data, map_in, brain_in, affine, per_slice, keep, image, rec, amap)

@@ -233,8 +233,10 @@ def anomaly_map(
         x: input images (B, C, H, W).
         x_rec: reconstructions.
         kind: ``"product"`` (|x - x'| times the upsampled per-location flow NLL, default: see
-            :data:`DEFAULT_MAP_KIND`), ``"residual"`` (|x - x'|, the paper's map), ``"flow"`` (upsampled
-            per-location flow density) or ``"ssim"`` (1 - SSIM map).
+            :data:`DEFAULT_MAP_KIND`), ``"residual"`` (|x - x'|, the paper's map), ``"flow"`` (FastFlow's
+            per-location density map made non-negative and bounded, ``1 - exp(-mean_c z'^2 / 2)`` upsampled,
+            as the flow-only model's map, so that the evaluation protocol's positive / absolute residual modes
+            leave it unchanged) or ``"ssim"`` (1 - SSIM map).
 
     Returns:
         The map, shape (B, 1, H, W); higher is more anomalous.
@@ -243,8 +245,8 @@ def anomaly_map(
         return product_map(z_prime, x, x_rec)
     if kind == "residual":
         return residual_map(x, x_rec)
-    if kind == "flow":
-        return flow_map(z_prime, tuple(x.shape[-2:]))
+    if kind == "flow":  # 1 + sqrt(2 pi) * (-exp(mean_c log N)) = 1 - exp(-mean_c z'^2 / 2), in [0, 1)
+        return 1.0 + math.sqrt(2.0 * math.pi) * flow_map(z_prime, tuple(x.shape[-2:]))
     if kind == "ssim":
         return ssim_anomaly_map(x, x_rec)
     raise ValueError(f"unknown anomaly map kind {kind!r}; choose one of {MAP_KINDS}")

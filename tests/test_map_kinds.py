@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from scipy import ndimage, stats
 
+from monai_aeflow.evaluation.postprocess import apply_residual_mode
 from monai_aeflow.model_config import validate_score
 from monai_aeflow.models.aeflow import aeflow_score
 from monai_aeflow.networks import AEFlow
@@ -62,3 +63,17 @@ def test_aeflow_scorer_gives_the_product_map_by_default():
     np.testing.assert_allclose(paper["anomaly_map"].numpy()[:, 0], np.abs(x.numpy() - rec)[:, 0], atol=1e-6)
     assert torch.equal(default["score"], paper["score"])  # the map kind changes the map only
     validate_score({"map_kind": "product"}, "aeflow")  # a model file may store it
+
+
+def test_flow_kind_is_non_negative_and_bounded():
+    # the negative density -exp(mean log N) would be zeroed by the protocol's positive mode and inverted by the
+    # absolute mode; the "flow" kind is 1 - exp(-mean z'^2 / 2), which both modes leave unchanged
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(1, 4, 2, 3)) * 2.0
+    x = torch.rand(1, 1, 8, 12)
+    got = anomaly_map(torch.from_numpy(z).float(), x, x, "flow").numpy()[0, 0]
+    density = np.exp(stats.norm.logpdf(z).mean(1)[0]) * math.sqrt(2 * math.pi)
+    want = ndimage.zoom(1.0 - density, (4, 4), order=1, grid_mode=True, mode="nearest")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert got.min() >= 0.0 and got.max() < 1.0
+    np.testing.assert_array_equal(apply_residual_mode(got, "positive"), got.astype(np.float32))

@@ -333,8 +333,8 @@ def _preprocessing(stored: Mapping[str, Any], channels: int, size: tuple[int, in
         "orientation": volume["orientation"],
         "spacing": volume["spacing"],
         "intensity": {
-            "method": f"clip to the {percentiles[0]:g}th and {percentiles[1]:g}th percentiles inside the brain "
-            "mask, then scale linearly to [0, 1]",
+            "method": f"clip to percentiles {percentiles[0]:g} and {percentiles[1]:g} of the intensities inside the "
+            "brain mask, then scale linearly to [0, 1]",
             "percentiles": percentiles,
             "range": [0.0, 1.0],
         },
@@ -434,7 +434,8 @@ def export_model(
             "shape": [shape[0], 1, shape[2], shape[3]],
             "map_kind": map_kind,
             "beta": beta,
-            "meaning": "pixel anomaly map, higher is more anomalous (residual: |x - x'| averaged over channels)",
+            "meaning": f"pixel anomaly map of kind {map_kind!r} (as aeflow-cli score computes it), higher is more "
+            "anomalous",
         },
         "preprocessing": _preprocessing(stored, channels, size, multiple),
         "threshold": ckpt.get("threshold"),

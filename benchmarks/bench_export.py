@@ -8,7 +8,8 @@ the weights) is exported with
 - onnxruntime (``CPUExecutionProvider``, all graph optimisations, ``intra_op_num_threads`` = ``--threads``),
 - the TorchScript file (``torch.jit.load``),
 
-in one run, with the same number of threads for all (``torch.set_num_threads``), best of ``--repeats``. Also
+in one run, with the same number of threads for all (``torch.set_num_threads``), best of ``--repeats`` interleaved
+rounds. Also
 reported: export time, file size, and the largest difference of each export from eager PyTorch on these slices.
 
 Usage::
@@ -95,8 +96,11 @@ def bench_backbone(backbone: str, args: argparse.Namespace, work: Path) -> dict[
     runners = {"eager": run_eager, "onnx": run_onnx, "torchscript": run_torchscript}
     for fn in runners.values():  # warm-up (first-call allocations, oneDNN primitive creation)
         fn()
-    for name, fn in runners.items():
-        seconds = _best_of(fn, args.repeats)
+    best = dict.fromkeys(runners, float("inf"))
+    for _ in range(args.repeats):  # interleaved, so that a change of the machine's load hits all three alike
+        for name, fn in runners.items():
+            best[name] = min(best[name], _best_of(fn, 1))
+    for name, seconds in best.items():
         row[f"{name}_slices_per_s"] = round(args.slices / seconds, 2)
     for name in ("onnx", "torchscript"):
         diff = max(float(np.abs(a - b).max()) for a, b in zip(outputs[name], outputs["eager"], strict=True))

@@ -17,7 +17,7 @@ from monai_aeflow.networks import AEFlow
 from monai_aeflow.networks.flow import NormalizingFlow
 
 HIDDEN_SCALE = 1e4
-# max |map - float32 map| allowed (maps are in [0, 1]); measured 2e-4 (float16) and 3e-3 (bfloat16)
+# max |map - float32 map| allowed, times max(1, the map's maximum); measured 2e-4 (float16), 3e-3 (bfloat16)
 MAP_TOL = {"float16": 5e-3, "bfloat16": 2e-2}
 SCORE_TOL = {"float16": 2e-3, "bfloat16": 5e-3}
 
@@ -54,7 +54,7 @@ def hard_network() -> tuple[AEFlow, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("map_kind", ["residual", "flow", "ssim"])
+@pytest.mark.parametrize("map_kind", ["residual", "flow", "ssim", "product"])
 def test_scorer_under_autocast_equals_float32(hard_network, dtype, map_kind):
     net, x = hard_network
     ref = score_slices(net, x, batch_size=4, map_kind=map_kind, amp_dtype="none")
@@ -62,7 +62,9 @@ def test_scorer_under_autocast_equals_float32(hard_network, dtype, map_kind):
     for key in ("anomaly_map", "reconstruction", "score", "score_flow", "score_recon"):
         assert torch.isfinite(out[key]).all(), f"{key} not finite under {dtype}"
         assert out[key].dtype == torch.float32
-    assert (out["anomaly_map"] - ref["anomaly_map"]).abs().max() <= MAP_TOL[dtype]
+    # relative to the map's range: the product map (residual times flow NLL) is not bounded by 1
+    tol = MAP_TOL[dtype] * max(1.0, float(ref["anomaly_map"].abs().max()))
+    assert (out["anomaly_map"] - ref["anomaly_map"]).abs().max() <= tol
     assert (out["score"] - ref["score"]).abs().max() <= SCORE_TOL[dtype]
     assert (out["score_recon"] - ref["score_recon"]).abs().max() <= SCORE_TOL[dtype]
 

@@ -78,7 +78,7 @@ class DemoConfig:
     n_test_healthy: int = 1
     shape: tuple[int, int, int] = (128, 128, 32)
     spacing: tuple[float, float, float] = (1.5, 1.5, 3.75)
-    epochs: int = 6
+    epochs: int = 4
     batch_size: int = 8
     lr: float = 2e-3
     backbone: str = "efficientnet_lite0"

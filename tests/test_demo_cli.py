@@ -71,7 +71,7 @@ def test_demo_bad_shape_is_a_one_line_error(tmp_path):
 
 def test_demo_aeflow_beats_the_intensity_baseline_on_test_slices(tmp_path):
     """The demo's code path and cohort (128 x 128 x 32, pretrained EfficientNet-Lite0), trained for 3 epochs instead
-    of 6: AE-FLOW's slice AUROC on the test subjects beats the intensity baseline's, recomputed here with scipy and
+    of 4: AE-FLOW's slice AUROC on the test subjects beats the intensity baseline's, recomputed here with scipy and
     scikit-learn (maximum of the 5 x 5 median-filtered slice)."""
     import torch
     from scipy import ndimage

@@ -12,7 +12,7 @@ from aeflow_cli.train import backbone_options
 
 @click.command()
 @click.option("--out", "output_dir", default="aeflow_demo", show_default=True, help="Output folder.")
-@click.option("--epochs", default=6, show_default=True, type=click.IntRange(1))
+@click.option("--epochs", default=4, show_default=True, type=click.IntRange(1))
 @click.option("--n-train", default=6, show_default=True, type=click.IntRange(1), help="Healthy training subjects.")
 @click.option(
     "--shape",

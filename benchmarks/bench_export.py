@@ -4,7 +4,8 @@ For each backbone, an AE-FLOW model file (random weights, flow initialised from 
 the weights) is exported with
 :func:`monai_aeflow.export.export_model` to ONNX and TorchScript, and the same batches of slices go through
 
-- eager PyTorch: :class:`~monai_aeflow.bundle.AnomalyMapNet` under ``torch.inference_mode``,
+- eager PyTorch: :class:`~monai_aeflow.bundle.AnomalyMapNet` under ``torch.inference_mode``, contiguous and
+  channels-last (weights and inputs, as :class:`~monai_aeflow.inference.AnomalyScorer` runs it),
 - onnxruntime (``CPUExecutionProvider``, all graph optimisations, ``intra_op_num_threads`` = ``--threads``),
 - the TorchScript file (``torch.jit.load``),
 
@@ -21,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -86,6 +88,12 @@ def bench_backbone(backbone: str, args: argparse.Namespace, work: Path) -> dict[
         with torch.inference_mode():
             outputs["eager"] = [eager(b).numpy() for b in batches]
 
+    eager_cl = copy.deepcopy(eager).to(memory_format=torch.channels_last)  # what the scorer runs
+
+    def run_eager_channels_last() -> None:
+        with torch.inference_mode():
+            outputs["eager_channels_last"] = [eager_cl(b.contiguous(memory_format=fmt)).numpy() for b in batches]
+
     def run_onnx() -> None:
         outputs["onnx"] = [session.run(None, {"image": b.numpy()})[0] for b in batches]
 
@@ -93,16 +101,22 @@ def bench_backbone(backbone: str, args: argparse.Namespace, work: Path) -> dict[
         with torch.inference_mode():
             outputs["torchscript"] = [scripted(b).numpy() for b in batches]
 
-    runners = {"eager": run_eager, "onnx": run_onnx, "torchscript": run_torchscript}
+    fmt = torch.channels_last
+    runners = {
+        "eager": run_eager,
+        "eager_channels_last": run_eager_channels_last,
+        "onnx": run_onnx,
+        "torchscript": run_torchscript,
+    }
     for fn in runners.values():  # warm-up (first-call allocations, oneDNN primitive creation)
         fn()
     best = dict.fromkeys(runners, float("inf"))
-    for _ in range(args.repeats):  # interleaved, so that a change of the machine's load hits all three alike
+    for _ in range(args.repeats):  # interleaved, so that a change of the machine's load hits all alike
         for name, fn in runners.items():
             best[name] = min(best[name], _best_of(fn, 1))
     for name, seconds in best.items():
         row[f"{name}_slices_per_s"] = round(args.slices / seconds, 2)
-    for name in ("onnx", "torchscript"):
+    for name in ("eager_channels_last", "onnx", "torchscript"):
         diff = max(float(np.abs(a - b).max()) for a, b in zip(outputs[name], outputs["eager"], strict=True))
         row[f"{name}_max_abs_diff"] = diff
         row[f"{name}_speedup_vs_eager"] = round(row[f"{name}_slices_per_s"] / row["eager_slices_per_s"], 3)

@@ -41,7 +41,7 @@ BASELINE = "intensity"
 
 @dataclass
 class DemoConfig:
-    """Settings of the demo (CPU-sized defaults: a few minutes on two cores).
+    """Settings of the demo (CPU-sized defaults: about 30 s on two idle cores).
 
     Small batches and a learning rate of 2e-3 give the decoder enough steps to reconstruct the anatomy within the
     CPU budget (held-out reconstruction MSE about a third of the mean image's after 100 steps).

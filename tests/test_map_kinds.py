@@ -28,7 +28,7 @@ def test_flow_nll_map_matches_scipy():
     assert got.min() >= 0.5 * math.log(2 * math.pi) - 1e-6  # the NLL of z' = 0 is the minimum
 
 
-def test_product_map_matches_numpy_and_is_the_default():
+def test_product_map_matches_numpy_and_the_residual_is_the_default():
     rng = np.random.default_rng(1)
     x = rng.random((2, 3, 16, 24))
     rec = rng.random((2, 3, 16, 24))
@@ -41,27 +41,28 @@ def test_product_map_matches_numpy_and_is_the_default():
         [residual[b] * ndimage.zoom(nll[b], (4, 4), order=1, grid_mode=True, mode="nearest") for b in range(2)]
     )
     np.testing.assert_allclose(got[:, 0], want, rtol=1e-5, atol=1e-6)
-    assert DEFAULT_MAP_KIND == "product"
-    assert torch.equal(anomaly_map(zt, xt, rt), product_map(zt, xt, rt))
+    assert DEFAULT_MAP_KIND == "residual"  # one default with the engine, the CLI and the bundles
+    assert torch.equal(anomaly_map(zt, xt, rt, "product"), product_map(zt, xt, rt))
+    np.testing.assert_allclose(anomaly_map(zt, xt, rt).numpy()[:, 0], residual, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(anomaly_map(zt, xt, rt, "residual").numpy()[:, 0], residual, rtol=1e-5, atol=1e-6)
 
 
-def test_aeflow_scorer_gives_the_product_map_by_default():
+def test_aeflow_scorer_gives_the_product_map_by_name_and_the_residual_by_default():
     torch.manual_seed(0)
     net = AEFlow(in_channels=1, backbone="resnet18", backbone_weights=None, flow_blocks=2).eval()
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         out = net(x)
-        default = aeflow_score(net, x)
-        paper = aeflow_score(net, x, map_kind="residual")
+        product = aeflow_score(net, x, map_kind="product")
+        paper = aeflow_score(net, x)
     rec, zp = out.x_rec.numpy(), out.z_prime.numpy()
     nll = -stats.norm.logpdf(zp).mean(1)
     want = np.abs(x.numpy() - rec)[:, 0] * np.stack(
         [ndimage.zoom(nll[b], (16, 16), order=1, grid_mode=True, mode="nearest") for b in range(2)]
     )
-    np.testing.assert_allclose(default["anomaly_map"].numpy()[:, 0], want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(product["anomaly_map"].numpy()[:, 0], want, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(paper["anomaly_map"].numpy()[:, 0], np.abs(x.numpy() - rec)[:, 0], atol=1e-6)
-    assert torch.equal(default["score"], paper["score"])  # the map kind changes the map only
+    assert torch.equal(product["score"], paper["score"])  # the map kind changes the map only
     validate_score({"map_kind": "product"}, "aeflow")  # a model file may store it
 
 

@@ -29,8 +29,8 @@ def aeflow_score(
         network: an :class:`AEFlow`.
         x: (B, C, H, W) images.
         beta: flow weight.
-        map_kind: ``product`` (default: ``|x - x'|`` times the flow's per-location NLL, chosen on the BraTS
-            dev protocol), ``residual`` (the paper's ``|x - x'|``), ``flow`` or ``ssim``.
+        map_kind: ``residual`` (the paper's ``|x - x'|``, default), ``product`` (``|x - x'|`` times the flow's
+            per-location NLL, measured on the BraTS dev protocol), ``flow`` or ``ssim``.
 
     Returns:
         ``score``, ``score_flow``, ``score_recon``, ``anomaly_map`` and ``recon``.

@@ -121,6 +121,8 @@ def test_evaluate_end_to_end(splits, tmp_path):
     assert stored["threshold"] == pytest.approx(protocol["threshold"]["value"])
     assert stored["threshold_protocol"]["method"] == "sweep"
     assert stored["threshold_protocol"]["postprocessing"]["median_size"] == 5
+    healthy = stored["threshold_protocol"]["healthy_percentiles"]  # the Label heat-map levels read them
+    assert 0 <= healthy["95"] <= healthy["99"]
     assert torch.equal(stored["network"]["decoder.weight"], torch.zeros(3))
 
 

@@ -36,6 +36,7 @@ from monai_aeflow.evaluation.split_metrics import (
     _pixel_metrics,
     _split_sweep,
     _thin,
+    healthy_percentiles,
 )
 from monai_aeflow.evaluation.thresholds import (
     greedy_threshold_search,
@@ -303,6 +304,8 @@ def evaluate_prepared(
             raise AEFlowInputError("image scores and labels must be 1D arrays of the same length")
     pp = config.postprocess
     threshold_info = select_threshold(validation, config, progress)
+    if validation and (healthy := healthy_percentiles(validation)) is not None:
+        threshold_info["healthy_percentiles"] = healthy  # grades the map below the threshold (Label levels)
     t = float(threshold_info["value"])
 
     # Full pipeline at the validated threshold.

@@ -34,6 +34,34 @@ def _metric(value: float, low: float = float("nan"), high: float = float("nan"))
     return {"value": float(value), "ci_low": float(low), "ci_high": float(high)}
 
 
+def healthy_percentiles(cases: Sequence[PreparedCase], q: Sequence[float] = (95.0, 99.0)) -> dict[str, object] | None:
+    """Percentiles of the post-processed map over healthy brain voxels of a (validation) split.
+
+    The voxels are the brain voxels of the volumes without lesion voxels, or, when every volume has lesions, the
+    brain voxels outside lesions. Stored beside the threshold in the model file, they grade the map below the
+    threshold (the MONAI Label heat-map levels).
+
+    Args:
+        cases: prepared cases.
+        q: percentiles in [0, 100].
+
+    Returns:
+        ``{"95": value, "99": value, "reference": ...}`` (keys are the percentiles as written by ``f"{q:g}"``), or
+        None when there is no healthy brain voxel.
+    """
+    healthy = [c.brain_scores() for c in cases if not c.volume_label]
+    reference = "brain voxels of healthy validation volumes"
+    if not healthy or not sum(v.size for v in healthy):
+        healthy = [c.brain_scores()[~c.brain_labels()] for c in cases]
+        reference = "brain voxels outside lesions of the validation volumes"
+    values = np.concatenate(healthy) if healthy else np.zeros(0)
+    if not values.size:
+        return None
+    out: dict[str, object] = {f"{p:g}": float(v) for p, v in zip(q, np.percentile(values, list(q)), strict=True)}
+    out["reference"] = reference
+    return out
+
+
 def _split_sweep(cases: Sequence[PreparedCase], n_thresholds: int, seed: int) -> tuple[SweepCounts, SweepCounts]:
     """Sweeps over brain voxels and over all stored voxels, on the split's own grid."""
     grid = threshold_grid([c.scores for c in cases], n_thresholds, seed=seed)

@@ -145,7 +145,7 @@ TRAINING_CASES = [
     ("vae", 8, None, 0.6),
     ("pchvae", 8, None, 0.6),
     ("vqvae", 8, None, 0.6),
-    ("vqgan", 6, {"disc_channels": 16}, 0.6),
+    ("vqgan", 10, {"disc_channels": 16}, 0.6),
     ("flowonly", 6, None, 0.65),
 ]
 

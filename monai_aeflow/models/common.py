@@ -18,6 +18,7 @@ from monai_aeflow.scores import residual_map, ssim_anomaly_map
 
 __all__ = [
     "RECON_MAPS",
+    "NothingToTrain",
     "gaussian_kl",
     "likelihood_map",
     "loss_options",
@@ -28,6 +29,33 @@ __all__ = [
 
 RECON_MAPS: tuple[str, ...] = ("residual", "ssim")
 """Pixel map kinds of a reconstruction model."""
+
+
+class NothingToTrain(nn.Module):
+    """The "loss" of a model that is not trained with gradients: calling it raises a clear error.
+
+    Args:
+        message: the error's text (what the model is instead: nothing to train, or fitted in one pass).
+    """
+
+    def __init__(self, message: str = "this model has nothing to train with a loss") -> None:
+        super().__init__()
+        self.message = message
+
+    def forward(self, output: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Refuse to train.
+
+        Args:
+            output: ignored.
+            x: ignored.
+
+        Returns:
+            Never returns.
+
+        Raises:
+            AEFlowInputError: always.
+        """
+        raise AEFlowInputError(self.message)
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

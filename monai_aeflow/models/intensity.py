@@ -11,30 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from monai_aeflow.errors import AEFlowInputError
+from monai_aeflow.models.common import NothingToTrain
 from monai_aeflow.models.spec import ModelSpec
 from monai_aeflow.networks.intensity import IntensityBaseline
 
 __all__ = ["SPEC", "NothingToTrain", "intensity_score", "make_loss"]
-
-
-class NothingToTrain(nn.Module):
-    """The "loss" of a model without trainable parameters: calling it raises a clear error."""
-
-    def forward(self, output: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Refuse to train.
-
-        Args:
-            output: ignored.
-            x: ignored.
-
-        Returns:
-            Never returns.
-
-        Raises:
-            AEFlowInputError: always.
-        """
-        raise AEFlowInputError("the intensity baseline has nothing to train; save it as it is (aeflow-cli train does)")
 
 
 def intensity_score(
@@ -65,7 +46,7 @@ def make_loss(training: Mapping[str, Any]) -> nn.Module:
     Returns:
         A :class:`NothingToTrain`.
     """
-    return NothingToTrain()
+    return NothingToTrain("the intensity baseline has nothing to train; save it as it is (aeflow-cli train does)")
 
 
 SPEC = ModelSpec(

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from monai_aeflow.errors import AEFlowInputError
-from monai_aeflow.models.common import loss_options
+from monai_aeflow.models.common import NothingToTrain, loss_options
 from monai_aeflow.models.spec import ModelSpec
 from monai_aeflow.networks.patchcore import PatchCore
 
@@ -162,28 +162,6 @@ def make_fitter(training: Mapping[str, Any]) -> PatchCoreFitter:
     return PatchCoreFitter(**loss_options(training, FIT_OPTIONS, "patchcore"))
 
 
-class NoGradientTraining(nn.Module):
-    """PatchCore's "loss": calling it raises a clear error (the model is fitted by :class:`PatchCoreFitter`)."""
-
-    def forward(self, output: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Refuse gradient training.
-
-        Args:
-            output: ignored.
-            x: ignored.
-
-        Returns:
-            Never returns.
-
-        Raises:
-            AEFlowInputError: always.
-        """
-        raise AEFlowInputError(
-            "patchcore has nothing to train with a loss: it is fitted in one pass over healthy images "
-            "(monai_aeflow.models.patchcore.PatchCoreFitter; the engine does it)"
-        )
-
-
 def make_loss(training: Mapping[str, Any]) -> nn.Module:
     """PatchCore's "loss", which refuses gradient training.
 
@@ -191,9 +169,12 @@ def make_loss(training: Mapping[str, Any]) -> nn.Module:
         training: ignored.
 
     Returns:
-        A :class:`NoGradientTraining`.
+        A :class:`~monai_aeflow.models.common.NothingToTrain`.
     """
-    return NoGradientTraining()
+    return NothingToTrain(
+        "patchcore has nothing to train with a loss: it is fitted in one pass over healthy images "
+        "(monai_aeflow.models.patchcore.PatchCoreFitter; the engine does it)"
+    )
 
 
 def patchcore_score(

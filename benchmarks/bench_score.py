@@ -93,9 +93,12 @@ def profile_summary(fn, device: torch.device, top: int = 12) -> dict:
         return float(getattr(e, "self_device_time_total", 0.0) if cuda else e.self_cpu_time_total)
 
     busy = sum(self_us(e) for e in events) / 1e6
+    host = sorted(events, key=lambda e: float(e.self_cpu_time_total), reverse=True)[:top]
     return {
         "wall_seconds": wall,
         "busy_seconds": busy,
+        "host_self_seconds": sum(float(e.self_cpu_time_total) for e in events) / 1e6,
+        "top_host_ops": [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in host],
         "device_idle_fraction": max(0.0, 1.0 - busy / wall) if cuda else None,
         "sync_or_item_calls": sum(e.count for e in events if "synchronize" in e.key.lower() or e.key == "aten::item"),
         "host_to_device_copies": sum(e.count for e in events if "HtoD" in e.key),

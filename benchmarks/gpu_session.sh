@@ -2,27 +2,29 @@
 # Every GPU figure of the scoring-at-scale work in one call (about 6 minutes on one H100; each step has its own
 # timeout, so that one stuck step leaves the others' JSON). Results: one JSON per step in $OUT (default gpu_out/).
 #
-# The GPU machine has torch (2.11), numpy, scipy, scikit-learn and click, but not monai, nibabel, FrEIA,
-# pytorch-ignite, tqdm or matplotlib. Download their wheels here (with internet) into gpu_wheels/ and carry that
-# folder with the run (the device tool's `carry: ["gpu_wheels"]`):
+# The GPU machine has torch (2.11), numpy, scipy, scikit-learn, click, tqdm, matplotlib and scikit-image, but not
+# monai, nibabel, FrEIA, pytorch-ignite or torchio (the benchmarks generate their volumes with the synthetic
+# cohort, which uses torchio). Download their wheels here into .whl/ (ignored by git) and carry that folder with
+# the run (the device tool's `carry: [".whl"]`; about 56 MB, SimpleITK being most of it):
 #
-#   pip download --no-deps -d gpu_wheels --python-version 3.12 --platform manylinux2014_x86_64 \
-#       --only-binary=:all: monai==1.6.1 nibabel pytorch-ignite tqdm matplotlib pillow contourpy kiwisolver \
-#       fonttools cycler pyparsing python-dateutil six packaging
-#   pip download --no-deps -d gpu_wheels FrEIA       # pure Python (a wheel or an sdist: both install offline)
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#       monai==1.6.1 nibabel pytorch-ignite torchio deprecated simpleitk
+#   pip download --no-deps -d /tmp FrEIA && pip wheel --no-deps -w .whl /tmp/FrEIA-*.tar.gz
 #
-# Run (repository root):  bash benchmarks/gpu_session.sh
+# Run (repository root):  bash benchmarks/gpu_session.sh     (VOLUMES=40 for a shorter sustained run)
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD:$PWD/cli${PYTHONPATH:+:$PYTHONPATH}"
-if [ -d gpu_wheels ]; then
-  python -m pip install --quiet --no-index --no-deps --no-build-isolation gpu_wheels/* > "$OUT/pip.log" 2>&1 \
-    || echo "pip install failed: see $OUT/pip.log"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$OUT/pip.log" 2>&1 || echo "pip install failed: see $OUT/pip.log"
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-python -c "import monai, nibabel, FrEIA, ignite, monai_aeflow.inference, aeflow_cli.main; print('imports ok')" \
+python3 -c "import monai, nibabel, FrEIA, ignite, monai_aeflow.inference, aeflow_cli.main; print('imports ok')" \
   2>&1 | tail -3
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 
@@ -34,12 +36,12 @@ step() {  # step NAME SECONDS CMD...: JSON on stdout -> $OUT/NAME.json, stderr -
 }
 
 # 1. no NaN under float16 / bfloat16 autocast; GPU post-processing equal to scipy (and its time)
-step gpu_checks 90 python benchmarks/gpu_checks.py
+step gpu_checks 90 python3 benchmarks/gpu_checks.py
 # 2. slices/s per backbone and size, the bf16 matmul peak at 8192^3, GPU memory, profiler summary, one volume
-step bench_score 150 python benchmarks/bench_score.py --device cuda --sizes 128,256 --slices 256 --repeats 3 \
+step bench_score 150 python3 benchmarks/bench_score.py --device cuda --sizes 128,256 --slices 256 --repeats 3 \
   --backbones resnet18,wide_resnet50_2 --profile
-# 3. sustained end to end: 100 generated 240x240x155 .nii.gz volumes, Wide-ResNet-50-2, bf16, 12 decoding workers
-step bench_volumes 200 python benchmarks/bench_volumes.py --device cuda --volumes 100 --backbone wide_resnet50_2 \
+# 3. sustained end to end: VOLUMES (100) generated 240x240x155 .nii.gz volumes, Wide-ResNet-50-2, bf16, 12 decoding workers
+step bench_volumes 200 python3 benchmarks/bench_volumes.py --device cuda --volumes "${VOLUMES:-100}" --backbone wide_resnet50_2 \
   --workers 12 --profile
 # 4. two GPUs or more: the same through torchrun, against one process (volumes/s from the wall time)
 if [ "$NGPU" -ge 2 ]; then

@@ -35,7 +35,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-import torchio as tio
 from scipy import ndimage
 
 from monai_aeflow.errors import AEFlowInputError
@@ -417,6 +416,8 @@ def _linear_interp_matrix(n_out: int, n_in: int) -> np.ndarray:
 
 def _acquire(image: np.ndarray, brain: np.ndarray, torch_seed: int, affine: np.ndarray) -> np.ndarray:
     """Multiply by a torchio bias field (mean 1 over the brain) and add torchio Gaussian noise."""
+    import torchio as tio  # here, not at module level: scoring imports this package and needs no torchio
+
     shape = image.shape
     coarse = tuple(max(8, (n + 3) // 4) for n in shape)
     with torch.random.fork_rng(devices=[]):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +17,58 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for a whole test module (small convolutions run faster on one thread than on two
+    contended ones); a module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _skull_stripped(slices: dict) -> torch.Tensor:
+    return torch.from_numpy((slices["image"] * slices["brain_mask"]).astype(np.float32))
+
+
+def build_slice_cohort(n_train: int, shape: tuple[int, int, int], min_lesion_pixels: int) -> dict:
+    """Skull-stripped synthetic FLAIR-like slices for a detection test: the healthy slices of ``n_train`` training
+    subjects (seed 1), the slices of 2 other healthy subjects (seed 4) and of 2 lesioned subjects (seed 5).
+
+    Args:
+        n_train: number of healthy training subjects.
+        shape: grid size of every subject; the slices are ``shape[:2]``.
+        min_lesion_pixels: lesion pixels a lesioned slice needs to count as a positive of the slice AUROC.
+
+    Returns:
+        ``{"train", "healthy", "lesion"}``: (N, 1, H, W) float32 tensors of skull-stripped slices;
+        ``"train_brain"``: the (N, 1, H, W) float32 brain masks of the training slices; ``"lesioned"``: per lesioned
+        slice, whether it holds at least ``min_lesion_pixels`` lesion pixels; ``"label"``, ``"brain"``: (N, H, W)
+        boolean lesion and brain masks of the lesioned slices.
+    """
+    from monai_aeflow.data.synthetic import make_slices
+
+    train = make_slices(n_train, lesion=False, seed=1, shape=shape)
+    healthy = make_slices(2, lesion=False, seed=4, shape=shape)
+    lesion = make_slices(2, lesion=True, seed=5, shape=shape)
+    area = lesion["label"].reshape(len(lesion["label"]), -1).sum(1)
+    return {
+        "train": _skull_stripped(train),
+        "train_brain": torch.from_numpy(train["brain_mask"].astype(np.float32)),
+        "healthy": _skull_stripped(healthy),
+        "lesion": _skull_stripped(lesion),
+        "lesioned": area >= min_lesion_pixels,
+        "label": lesion["label"][:, 0] > 0,
+        "brain": lesion["brain_mask"][:, 0] > 0,
+    }
+
+
+@pytest.fixture(scope="session")
+def slice_cohort() -> Callable[[int, tuple[int, int, int], int], dict]:
+    """The builder :func:`build_slice_cohort`, for a module's own cohort fixture or a test."""
+    return build_slice_cohort
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from monai.data import DataLoader
 from sklearn.metrics import roc_auc_score
 
 from monai_aeflow.checkpoint import load_model
-from monai_aeflow.data.synthetic import make_slices
 from monai_aeflow.engines import TrainingConfig, create_engines
 from monai_aeflow.errors import AEFlowInputError
 from monai_aeflow.inference import score_slices
@@ -32,12 +31,7 @@ SHAPE = (64, 64, 32)
 MIN_LESION_PIXELS = 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _low_frequency_fraction(noise: np.ndarray, cutoff: int) -> float:
@@ -89,18 +83,9 @@ def test_the_engine_feeds_the_network_the_corrupted_image(tmp_path):
     assert torch.all(diff[mask == 0] == 0) and diff[mask > 0].abs().mean() > 0.01
 
 
-def _strip(s: dict) -> torch.Tensor:
-    return torch.from_numpy((s["image"] * s["brain_mask"]).astype(np.float32))
-
-
-def test_dae_trains_and_scores_lesions_above_healthy_tissue(tmp_path):
-    train_set = make_slices(4, lesion=False, seed=1, shape=SHAPE)
-    healthy = make_slices(2, lesion=False, seed=4, shape=SHAPE)
-    lesion = make_slices(2, lesion=True, seed=5, shape=SHAPE)
-    items = [
-        {"image": img, "mask": torch.from_numpy(m.astype(np.float32))}
-        for img, m in zip(_strip(train_set), train_set["brain_mask"], strict=True)
-    ]
+def test_dae_trains_and_scores_lesions_above_healthy_tissue(tmp_path, slice_cohort):
+    cohort = slice_cohort(4, SHAPE, MIN_LESION_PIXELS)
+    items = [{"image": img, "mask": m} for img, m in zip(cohort["train"], cohort["train_brain"], strict=True)]
     torch.manual_seed(0)
     net = build_network("dae", channels=[16, 32, 64, 128])
     loader = DataLoader(items, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
@@ -111,14 +96,13 @@ def test_dae_trains_and_scores_lesions_above_healthy_tissue(tmp_path):
     trainer.run()
     model, ckpt = load_model(trainer.model_path)
     assert ckpt["config"]["model_name"] == "dae"
-    out_h = score_slices(model, _strip(healthy), batch_size=64)
-    out_l = score_slices(model, _strip(lesion), batch_size=64)
-    label, brain = lesion["label"][:, 0] > 0, lesion["brain_mask"][:, 0] > 0
+    out_h = score_slices(model, cohort["healthy"], batch_size=64)
+    out_l = score_slices(model, cohort["lesion"], batch_size=64)
+    label, brain, keep = cohort["label"], cohort["brain"], cohort["lesioned"]
     amap = out_l["anomaly_map"][:, 0].numpy()
-    keep = lesion["label"].reshape(len(label), -1).sum(1) >= MIN_LESION_PIXELS
     y = np.r_[np.zeros(len(out_h["score"])), np.ones(int(keep.sum()))]
     s = np.r_[out_h["score"].numpy(), out_l["score"].numpy()[keep]]
-    x_h = _strip(healthy)
+    x_h = cohort["healthy"]
     relative_error = float(((x_h - out_h["reconstruction"]) ** 2).mean() / (x_h**2).mean())
     metrics = {
         "slice_auroc": roc_auc_score(y, s),

@@ -42,7 +42,6 @@ from monai_aeflow.baselines import (
 )
 from monai_aeflow.checkpoint import load_model, save_model
 from monai_aeflow.compare import count_parameters
-from monai_aeflow.data.synthetic import make_slices
 from monai_aeflow.engines import TrainingConfig, create_engines
 from monai_aeflow.errors import AEFlowInputError
 from monai_aeflow.inference import score_slices
@@ -76,33 +75,12 @@ SMALL = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small convolutions run faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _strip(s: dict) -> torch.Tensor:
-    return torch.from_numpy((s["image"] * s["brain_mask"]).astype(np.float32))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def cohort():
-    train = make_slices(4, lesion=False, seed=1, shape=SHAPE)
-    healthy = make_slices(2, lesion=False, seed=4, shape=SHAPE)
-    lesion = make_slices(2, lesion=True, seed=5, shape=SHAPE)
-    area = lesion["label"].reshape(len(lesion["label"]), -1).sum(1)
-    return {
-        "train": _strip(train),
-        "healthy": _strip(healthy),
-        "lesion": _strip(lesion),
-        "lesioned": area >= MIN_LESION_PIXELS,
-        "lesion_label": lesion["label"][:, 0] > 0,
-        "lesion_brain": lesion["brain_mask"][:, 0] > 0,
-    }
+def cohort(slice_cohort):
+    return slice_cohort(4, SHAPE, MIN_LESION_PIXELS)
 
 
 def _slice_auroc(net: torch.nn.Module, cohort: dict) -> tuple[float, float]:
@@ -111,8 +89,8 @@ def _slice_auroc(net: torch.nn.Module, cohort: dict) -> tuple[float, float]:
     keep = cohort["lesioned"]
     y = np.r_[np.zeros(len(out_h["score"])), np.ones(int(keep.sum()))]
     s = np.r_[out_h["score"].numpy(), out_l["score"].numpy()[keep]]
-    brain = cohort["lesion_brain"]
-    pixel = roc_auc_score(cohort["lesion_label"][brain], out_l["anomaly_map"][:, 0].numpy()[brain])
+    brain = cohort["brain"]
+    pixel = roc_auc_score(cohort["label"][brain], out_l["anomaly_map"][:, 0].numpy()[brain])
     return float(roc_auc_score(y, s)), float(pixel)
 
 

@@ -27,7 +27,6 @@ from sklearn.neighbors import NearestNeighbors
 
 from aeflow_cli.main import cli
 from monai_aeflow.checkpoint import load_model
-from monai_aeflow.data.synthetic import make_slices
 from monai_aeflow.engines import TrainingConfig, train
 from monai_aeflow.errors import AEFlowInputError
 from monai_aeflow.inference import score_slices
@@ -39,12 +38,7 @@ SHAPE = (128, 128, 32)
 MIN_LESION_PIXELS = 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -141,24 +135,9 @@ def test_unfitted_model_refuses_to_score_and_the_loss_refuses_to_train():
 # --------------------------------------------------------------------------------------------------------
 
 
-def _strip(s: dict) -> torch.Tensor:
-    return torch.from_numpy((s["image"] * s["brain_mask"]).astype(np.float32))
-
-
 @pytest.fixture(scope="module")
-def cohort():
-    train_set = make_slices(3, lesion=False, seed=1, shape=SHAPE)
-    healthy = make_slices(2, lesion=False, seed=4, shape=SHAPE)
-    lesion = make_slices(2, lesion=True, seed=5, shape=SHAPE)
-    area = lesion["label"].reshape(len(lesion["label"]), -1).sum(1)
-    return {
-        "train": _strip(train_set),
-        "healthy": _strip(healthy),
-        "lesion": _strip(lesion),
-        "lesioned": area >= MIN_LESION_PIXELS,
-        "label": lesion["label"][:, 0] > 0,
-        "brain": lesion["brain_mask"][:, 0] > 0,
-    }
+def cohort(slice_cohort):
+    return slice_cohort(3, SHAPE, MIN_LESION_PIXELS)
 
 
 def _metrics(net: torch.nn.Module, cohort: dict) -> dict:

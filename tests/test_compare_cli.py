@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
@@ -22,12 +21,7 @@ TINY = ["--synthetic", "--n-train", "2", "--shape", "64", "64", "32"]
 FAST_EVAL = ["--bootstrap", "10", "--grid-size", "256"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _invoke(args: list[str]):

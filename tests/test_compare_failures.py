@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from aeflow_cli.main import cli
@@ -17,12 +16,7 @@ from monai_aeflow.checkpoint import load_model
 TINY = ["--synthetic", "--n-train", "2", "--shape", "64", "64", "32", "--bootstrap", "0", "--grid-size", "256"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_a_failing_model_is_recorded_and_the_others_complete(tmp_path, monkeypatch):

@@ -44,7 +44,7 @@ from monai_aeflow.checkpoint import load_model
 from monai_aeflow.data.preprocessing import build_image_preprocessing, build_volume_preprocessing
 from monai_aeflow.errors import AEFlowInputError
 from monai_aeflow.fileio import atomic_write, atomic_write_json
-from monai_aeflow.inference.scorer import resolve_model_path
+from monai_aeflow.inference.model_file import resolve_model_path
 from monai_aeflow.networks.efficientnet_lite import SameConv2d
 
 __all__ = [

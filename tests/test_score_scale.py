@@ -134,3 +134,43 @@ def test_torchrun_two_gloo_ranks_score_each_input_once_like_one_process(cohort_a
     assert [r["input"] for r in summary] == [*images, missing]
     assert [r["status"] for r in summary] == ["ok"] * 5 + ["error"]
     _same(_outputs(tmp_path / "one"), _outputs(tmp_path / "two"))
+
+
+def test_several_writer_threads_give_the_same_outputs_in_input_order(cohort_and_model, tmp_path):
+    scorer = AnomalyScorer(cohort_and_model["model"], device="cpu")
+    inputs = [*cohort_and_model["images"], tmp_path / "missing.nii.gz"]
+    one = score_paths(scorer, inputs, tmp_path / "t1", preview=True, workers=0, progress=False, write_threads=1)
+    three = score_paths(scorer, inputs, tmp_path / "t3", preview=True, workers=0, progress=False, write_threads=3)
+    assert [r["input"] for r in three] == [str(p) for p in inputs] == [r["input"] for r in one]
+    assert [r["status"] for r in three] == ["ok"] * 5 + ["error"]
+    _same(_outputs(tmp_path / "t1"), _outputs(tmp_path / "t3"))
+    assert len(list((tmp_path / "t3").glob("*.png"))) == 5
+
+
+def test_device_resident_volume_scoring_equals_the_numpy_path_and_preview_slices(cohort_and_model):
+    """``score_volume_on`` (tensors kept where asked) against ``score_volume`` (numpy), and the scorer's preview:
+    the four most anomalous slices of the model-grid reconstruction and map equal ``score_volume``'s."""
+    from monai_aeflow.checkpoint import load_model
+    from monai_aeflow.inference import score_volume, score_volume_on
+    from monai_aeflow.visualize import most_anomalous_slices
+
+    scorer = AnomalyScorer(cohort_and_model["model"], device="cpu")
+    data = scorer.preprocess(cohort_and_model["images"][-1])
+    volume = data["image"].as_subclass(torch.Tensor)
+    brain = data["mask"][0].numpy() > 0
+    keep = np.flatnonzero(brain.reshape(-1, brain.shape[-1]).sum(0) > 0)[2:]  # two slices left unscored
+    net, _ = load_model(cohort_and_model["model"], "cpu")
+    ref = score_volume(net, volume, slices=keep, batch_size=3)
+    got = score_volume_on(net, volume, slices=keep, batch_size=5, output_device="cpu")
+    np.testing.assert_allclose(got["anomaly_map"].numpy(), ref.anomaly_map, atol=1e-5)
+    np.testing.assert_allclose(got["reconstruction"].numpy(), ref.reconstruction, atol=1e-5)
+    np.testing.assert_allclose(got["score"].numpy(), ref.slice_scores, atol=1e-5, equal_nan=True)
+    assert np.isnan(got["score"].numpy()).sum() == brain.shape[-1] - keep.size > 0
+    result = scorer.score_preprocessed(data)
+    ref = score_volume(net, volume, slices=np.flatnonzero(brain.reshape(-1, brain.shape[-1]).sum(0) > 0))
+    show = most_anomalous_slices(ref.slice_scores, 4)
+    assert len(show) == 4
+    np.testing.assert_allclose(result.preview["reconstruction"][..., show], ref.reconstruction[..., show], atol=1e-5)
+    np.testing.assert_allclose(
+        result.preview["anomaly_map"][..., show], (ref.anomaly_map * brain)[..., show], atol=1e-5
+    )

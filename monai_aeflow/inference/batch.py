@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -21,10 +22,15 @@ from monai_aeflow.inference.outputs import (
     remove_leftovers,
     write_outputs,
 )
-from monai_aeflow.inference.scorer import AnomalyScorer, ScoreResult
+from monai_aeflow.inference.result import ScoreResult
+from monai_aeflow.inference.scorer import AnomalyScorer
 from monai_aeflow.inference.writer import BackgroundWriter
 
 __all__ = ["expand_inputs", "score_paths"]
+
+
+ACCELERATOR_WRITE_THREADS = 4
+"""Writer threads of :func:`score_paths` when the scorer runs on an accelerator."""
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -93,8 +99,9 @@ def score_paths(
     progress: bool = True,
     lock: bool = True,
     extra_outputs: Callable[..., Mapping[str, Path]] | None = None,
+    write_threads: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Score many inputs: decoding in worker processes, the model in this one, writing in a background thread.
+    """Score many inputs: decoding in worker processes, the model in this one, writing in background threads.
 
     A failing input (missing, corrupt, 4D, too large, irregular DICOM series, wrong channel count, existing
     outputs without ``overwrite``) is recorded and the others still complete. The output folder is locked for
@@ -110,12 +117,15 @@ def score_paths(
         preview: write PNG previews.
         masks: optional brain mask per input (keyed by the input path as given).
         workers: worker processes decoding and preprocessing the next inputs (a torch ``DataLoader``; 0: in
-            this process). Outputs are written in a background thread (at most two results waiting).
+            this process). Outputs are written in background threads (at most two results waiting per thread).
         progress: show a progress bar.
         lock: lock the output folder here; pass False when the caller already holds
             :func:`lock_output_folder` for ``out_dir``.
         extra_outputs: further files per input, written with its group (``extra`` of :func:`write_outputs`, e.g.
             :func:`~monai_aeflow.inference.dicom.write_dicom_outputs`).
+        write_threads: threads writing outputs (None: 1 on the CPU, where the scorer is the slower side, and
+            :data:`ACCELERATOR_WRITE_THREADS` when the scorer runs on an accelerator, which outpaces one writer
+            compressing ``.nii.gz`` files). The rows keep the order of ``inputs``.
 
     Returns:
         One dict per input: ``input``, ``name``, ``status`` (``"ok"`` or ``"error"``), ``error``,
@@ -136,7 +146,17 @@ def score_paths(
     folder_lock = lock_output_folder(out_root) if lock else None
     try:
         return _score_locked(
-            scorer, inputs, out_root, names, overwrite, preview, masks, workers, progress, extra_outputs
+            scorer,
+            inputs,
+            out_root,
+            names,
+            overwrite,
+            preview,
+            masks,
+            workers,
+            progress,
+            extra_outputs,
+            write_threads,
         )
     finally:
         if folder_lock is not None:
@@ -188,8 +208,12 @@ def _score_locked(
     workers: int,
     progress: bool,
     extra_outputs: Callable[..., Mapping[str, Path]] | None = None,
+    write_threads: int | None = None,
 ) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
+
+    if write_threads is None:
+        write_threads = 1 if scorer.device.type == "cpu" else ACCELERATOR_WRITE_THREADS
 
     remove_leftovers(out_root, names)
     queue = list(inputs)
@@ -202,6 +226,12 @@ def _score_locked(
     )
     bar = tqdm(total=len(queue), desc="score", unit="input", disable=not progress)
     rows: list[dict[str, Any]] = []
+    bar_lock = threading.Lock()
+
+    def tick() -> None:  # from this thread and the writer threads
+        with bar_lock:
+            bar.update(1)
+            bar.set_postfix_str(f"{sum(r['status'] == 'error' for r in rows)} failed")
 
     def write(row: dict[str, Any], result: ScoreResult, started: float) -> None:
         try:
@@ -212,10 +242,9 @@ def _score_locked(
             row.update(status="error", user_error=isinstance(exc, AEFlowInputError))
             row["error"] = str(exc) if row["user_error"] else f"{type(exc).__name__}: {exc}"
         row["seconds"] += time.perf_counter() - started
-        bar.update(1)
-        bar.set_postfix_str(f"{sum(r['status'] == 'error' for r in rows)} failed")
+        tick()
 
-    with BackgroundWriter(write) as writer:
+    with BackgroundWriter(write, max_pending=2 * write_threads, threads=write_threads) as writer:
         for item in loader:
             path = queue[item["index"]]
             row: dict[str, Any] = {"input": str(path), "name": output_name(path), "status": "error", "error": None}
@@ -223,7 +252,7 @@ def _score_locked(
             rows.append(row)
             if item["error"] is not None:
                 row.update(error=item["error"], user_error=item["user_error"])
-                bar.update(1)
+                tick()
                 continue
             start = time.perf_counter()
             try:
@@ -232,7 +261,7 @@ def _score_locked(
                 row.update(user_error=isinstance(exc, AEFlowInputError))
                 row["error"] = str(exc) if row["user_error"] else f"{type(exc).__name__}: {exc}"
                 row["seconds"] += time.perf_counter() - start
-                bar.update(1)
+                tick()
                 continue
             s = result.scores
             row.update(

@@ -1,7 +1,7 @@
 """DICOM out: the lesion mask as DICOM SEG and the anomaly map as a DICOM Parametric Map, with highdicom.
 
 For an input that is a DICOM series, :func:`dicom_outputs` turns a
-:class:`~monai_aeflow.inference.scorer.ScoreResult` into two DICOM objects that a PACS stores and a DICOM viewer
+:class:`~monai_aeflow.inference.result.ScoreResult` into two DICOM objects that a PACS stores and a DICOM viewer
 overlays on the series: a binary Segmentation (segment ``anomaly``, ``Morphologically abnormal structure`` /
 ``Lesion``) and a float32 Parametric Map with an identity real-world value mapping (stored value = map value).
 Both reference every source instance, the source series, its study and its frame of reference, and have one
@@ -31,7 +31,7 @@ from monai_aeflow.errors import AEFlowInputError
 if TYPE_CHECKING:
     import pydicom
 
-    from monai_aeflow.inference.scorer import ScoreResult
+    from monai_aeflow.inference.result import ScoreResult
 
 __all__ = [
     "DICOM_OUTPUT_SUFFIXES",

@@ -1,7 +1,7 @@
 """The output files of a scored input: names, NIfTI / 2D writers, group commit, state and the folder lock.
 
 :func:`write_outputs` writes the NIfTI map, the binary lesion mask, the JSON of scores and a PNG preview of a
-:class:`~monai_aeflow.inference.scorer.ScoreResult` as one group (the JSON last, as the commit marker);
+:class:`~monai_aeflow.inference.result.ScoreResult` as one group (the JSON last, as the commit marker);
 :func:`output_state` tells a complete group from one an interrupted run left behind.
 """
 
@@ -25,7 +25,7 @@ from monai_aeflow.fileio import FolderLock, atomic_write, atomic_write_json
 from monai_aeflow.visualize import most_anomalous_slices, save_slice_panel
 
 if TYPE_CHECKING:
-    from monai_aeflow.inference.scorer import ScoreResult
+    from monai_aeflow.inference.result import ScoreResult
 
 __all__ = [
     "SCORE_LOCK_NAME",

@@ -17,7 +17,8 @@ Example::
     result = scorer.score("BraTS2021_00000_flair.nii.gz")
     write_outputs(result, "out/")   # out/BraTS2021_00000_flair_anomaly.nii.gz, _mask.nii.gz, _scores.json, .png
 
-The code lives in :mod:`monai_aeflow.inference.scorer` (:class:`AnomalyScorer`, :class:`ScoreResult`),
+The code lives in :mod:`monai_aeflow.inference.scorer` (:class:`AnomalyScorer`),
+:mod:`monai_aeflow.inference.result` (:class:`ScoreResult`), :mod:`monai_aeflow.inference.model_file`,
 :mod:`monai_aeflow.inference.outputs` (output names, writers, state and lock) and
 :mod:`monai_aeflow.inference.batch` (:func:`expand_inputs`, :func:`score_paths`); this module re-exports them.
 """

@@ -26,6 +26,7 @@ from monai_aeflow.errors import AEFlowInputError
 from monai_aeflow.evaluation.postprocess import RESIDUAL_MODES, PostprocessConfig
 
 __all__ = [
+    "lesion_mask_torch",
     "erode_mask_per_slice_torch",
     "median_filter_torch",
     "remove_small_components_torch",
@@ -266,6 +267,24 @@ def segment_torch(score: torch.Tensor, threshold: float, config: PostprocessConf
     )
 
 
+def lesion_mask_torch(
+    anomaly_map: torch.Tensor, brain: torch.Tensor, threshold: float, config: PostprocessConfig
+) -> torch.Tensor:
+    """The post-processed binary lesion mask of a map, on the map's device (no copy to the host).
+
+    Args:
+        anomaly_map: the map on the input's grid.
+        brain: the brain mask, same shape.
+        threshold: the binarisation threshold.
+        config: post-processing parameters.
+
+    Returns:
+        The uint8 lesion mask, same shape and device.
+    """
+    brain = torch.as_tensor(brain).to(anomaly_map.device, non_blocking=True)
+    return segment_torch(postprocess_map_torch(anomaly_map, brain, config), threshold, config).to(torch.uint8)
+
+
 def lesion_mask_on(
     anomaly_map: np.ndarray, brain: np.ndarray, threshold: float, config: PostprocessConfig, device: torch.device | str
 ) -> np.ndarray:
@@ -288,5 +307,4 @@ def lesion_mask_on(
         return segment(postprocess_map(anomaly_map, brain, config), threshold, config).astype(np.uint8)
     dev = torch.device("cpu" if str(device) == "torch-cpu" else device)
     amap = torch.as_tensor(anomaly_map).to(dev, non_blocking=True)
-    processed = postprocess_map_torch(amap, torch.as_tensor(brain).to(dev, non_blocking=True), config)
-    return segment_torch(processed, threshold, config).to(torch.uint8).cpu().numpy()
+    return lesion_mask_torch(amap, torch.as_tensor(brain), threshold, config).cpu().numpy()

@@ -16,7 +16,6 @@ import inspect
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,107 +29,43 @@ from monai.transforms import Invertd
 from monai_aeflow.checkpoint import load_model, stored_encoder_weights
 from monai_aeflow.data.checks import DEFAULT_MAX_VOXELS, IrregularSeriesError, check_dicom_series, check_voxel_limit
 from monai_aeflow.data.io import file_kind, reraise_input_errors
-from monai_aeflow.data.preprocessing import build_image_preprocessing, build_volume_preprocessing
 from monai_aeflow.device import resolve_amp_dtype, resolve_device
-from monai_aeflow.errors import AEFlowInputError, CheckpointError
+from monai_aeflow.errors import AEFlowInputError
 from monai_aeflow.evaluation.postprocess import PostprocessConfig
+from monai_aeflow.inference.model_file import BUNDLE_MODEL_FILES, preprocessing_from_config, resolve_model_path
 from monai_aeflow.inference.outputs import _KINDS, _sha256, output_name
-from monai_aeflow.inference.postprocess_torch import lesion_mask_on
-from monai_aeflow.inference.volume import score_slices, score_volume
+from monai_aeflow.inference.postprocess_torch import lesion_mask_on, lesion_mask_torch
+from monai_aeflow.inference.result import VOLUME_SCORE_METHOD, ScoreResult, finite_list
+from monai_aeflow.inference.volume import score_slices, score_volume_on
+from monai_aeflow.visualize import most_anomalous_slices
 
 __all__ = [
+    "BUNDLE_MODEL_FILES",
+    "VOLUME_SCORE_METHOD",
     "AnomalyScorer",
     "ScoreResult",
     "preprocessing_from_config",
     "resolve_model_path",
 ]
 
-BUNDLE_MODEL_FILES = ("models/model.pt", "model.pt")
-VOLUME_SCORE_METHOD = "mean anomaly map over brain voxels (input grid)"
+PREVIEW_SLICES = 4
+"""Slices of the preview panel (the most anomalous); only these of the model-grid reconstruction and map are
+copied back from the device."""
 
 
-def resolve_model_path(model: str | os.PathLike) -> Path:
-    """The model file behind a path: the file itself, or ``models/model.pt`` of a bundle folder.
-
-    Args:
-        model: a ``.pt`` model file or a bundle (or training output) folder.
-
-    Returns:
-        The model file.
-
-    Raises:
-        CheckpointError: nothing usable at that path.
-    """
-    path = Path(model)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for rel in BUNDLE_MODEL_FILES:
-            if (path / rel).is_file():
-                return path / rel
-        raise CheckpointError(
-            f"folder holds no trained model ({' or '.join(BUNDLE_MODEL_FILES)}); train the bundle first", path=path
-        )
-    raise CheckpointError("model file not found", path=path)
-
-
-def _kwargs_for(builder: Callable[..., Any], config: Mapping[str, Any]) -> dict[str, Any]:
-    accepted = set(inspect.signature(builder).parameters) - {"image_key", "mask_key", "label_key"}
-    out = {k: v for k, v in config.items() if k in accepted}
-    if "percentiles" in out:
-        out["percentiles"] = tuple(out["percentiles"])
-    return out
-
-
-def preprocessing_from_config(config: Mapping[str, Any], kind: str = "volume") -> Callable[[dict], dict]:
-    """Rebuild the training preprocessing from the configuration stored in a model file.
-
-    Args:
-        config: the model file's ``config["preprocessing"]`` (keyword arguments of
-            :func:`~monai_aeflow.data.preprocessing.build_volume_preprocessing` or
-            :func:`~monai_aeflow.data.preprocessing.build_image_preprocessing`; other keys are ignored).
-        kind: ``"volume"`` (NIfTI, DICOM, MetaImage) or ``"image2d"`` (PNG, JPEG...).
-
-    Returns:
-        The invertible preprocessing pipeline (keys ``image``, ``mask``, ``label``).
-    """
-    if kind == "image2d":
-        return build_image_preprocessing(**_kwargs_for(build_image_preprocessing, config))
-    return build_volume_preprocessing(**_kwargs_for(build_volume_preprocessing, config))
-
-
-@dataclass
-class ScoreResult:
-    """What :meth:`AnomalyScorer.score` returns for one input.
-
-    Attributes:
-        source: the input file or folder.
-        name: output name (see :func:`output_name`).
-        kind: ``"volume"`` or ``"image2d"``.
-        anomaly_map: float32 map on the input's grid (the file's array shape, and for 2D images the
-            ``(width, height)`` order of MONAI's image reader), zero outside the brain mask.
-        lesion_mask: uint8 post-processed binary mask at the threshold, or None when no threshold is known.
-        brain_mask: uint8 brain mask on the input's grid.
-        affine: 4x4 voxel-to-world (RAS) matrix of the input.
-        scores: volume score, per-slice scores, threshold, lesion size, model identity (JSON-ready).
-        preview: preprocessed ``image``, ``reconstruction`` and ``anomaly_map`` (model grid) for the preview.
-        header: the NIfTI header of a NIfTI input (kept on the outputs), else None.
-    """
-
-    source: str
-    name: str
-    kind: str
-    anomaly_map: np.ndarray
-    lesion_mask: np.ndarray | None
-    brain_mask: np.ndarray
-    affine: np.ndarray
-    scores: dict[str, Any]
-    preview: dict[str, np.ndarray] = field(default_factory=dict)
-    header: Any = None
-
-
-def _finite_list(values: np.ndarray) -> list[float | None]:
-    return [float(v) if np.isfinite(v) else None for v in np.asarray(values, dtype=float)]
+def _to_host(*tensors: torch.Tensor | None) -> list[np.ndarray | None]:
+    """Copy device tensors to the host with one synchronisation (through pinned memory on CUDA)."""
+    staged: list[torch.Tensor | None] = []
+    for t in tensors:
+        if t is None or t.device.type == "cpu":
+            staged.append(t)
+            continue
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        staged.append(host)
+    for device in {t.device for t in tensors if t is not None and t.device.type == "cuda"}:
+        torch.cuda.synchronize(device)
+    return [None if t is None else t.numpy() for t in staged]
 
 
 class AnomalyScorer:
@@ -342,13 +277,16 @@ class AnomalyScorer:
 
     def _score_volume(self, data: Mapping[str, Any], timings: dict[str, float]) -> ScoreResult:
         image: MetaTensor = data["image"]
-        brain = data["mask"][0].numpy() > 0  # model grid (X, Y, Z)
-        z = brain.shape[-1]
-        area = brain.reshape(-1, z).sum(0)
+        brain_np = data["mask"][0].numpy() > 0  # model grid (X, Y, Z)
+        z = brain_np.shape[-1]
+        area = brain_np.reshape(-1, z).sum(0)
         keep = np.flatnonzero(area >= max(self.min_brain_voxels, 1))
+        # the map, its inverse transforms and the post-processing stay on the device (self._after); only the
+        # final map and masks, the per-slice scores and the preview's slices come back to the host
+        brain = torch.from_numpy(brain_np).to(self._after, non_blocking=True)
         if keep.size:
             res = self._timed_model(
-                lambda: score_volume(
+                lambda: score_volume_on(
                     self.network,
                     image.as_subclass(torch.Tensor),
                     slices=keep,
@@ -356,25 +294,27 @@ class AnomalyScorer:
                     beta=self.beta,
                     map_kind=self.map_kind,
                     amp_dtype=self.amp_dtype or "none",
+                    output_device=self._after,
                 ),
                 timings,
             )
-            amap, rec = res.anomaly_map, res.reconstruction
-            terms = {"score": res.slice_scores, "score_flow": res.score_flow, "score_recon": res.score_recon}
+            amap, rec = res.pop("anomaly_map"), res.pop("reconstruction")
+            terms = {k: v.numpy() for k, v in res.items()}  # per-slice scores, on the host
         else:
             timings["model_seconds"] = 0.0
-            amap, rec, terms = np.zeros(brain.shape, np.float32), np.zeros(brain.shape, np.float32), {}
+            amap = torch.zeros(brain.shape, dtype=torch.float32, device=self._after)
+            rec, terms = amap, {}
         per_slice = {
             k: terms[k] if terms.get(k) is not None else np.full(z, np.nan, np.float32)
             for k in ("score", "score_flow", "score_recon")
         }
-        amap *= brain
+        amap = amap * brain
         # back to the input grid: undo crop/pad, resampling and reorientation
         pipeline = self.pipeline("volume")
         inv = {
             "image": image,
-            "anomaly_map": MetaTensor(torch.from_numpy(amap[None]).to(self._after), meta=dict(image.meta)),
-            "brain": MetaTensor(torch.from_numpy(brain[None] * np.float32(1)).to(self._after), meta=dict(image.meta)),
+            "anomaly_map": MetaTensor(amap[None], meta=dict(image.meta)),
+            "brain": MetaTensor(brain[None].float(), meta=dict(image.meta)),
         }
         inv["anomaly_map"].applied_operations = list(image.applied_operations)
         inv["brain"].applied_operations = list(image.applied_operations)
@@ -382,11 +322,15 @@ class AnomalyScorer:
             back = Invertd(keys=("anomaly_map", "brain"), transform=pipeline, orig_keys="image", nearest_interp=False)(
                 inv
             )
-        map_in = np.ascontiguousarray(back["anomaly_map"][0].cpu().numpy().astype(np.float32))
-        brain_in = back["brain"][0].cpu().numpy() > 0.5
-        map_in[~brain_in] = 0.0
+        map_in = back["anomaly_map"][0].as_subclass(torch.Tensor).float()
+        brain_in = back["brain"][0].as_subclass(torch.Tensor) > 0.5
+        map_in = torch.where(brain_in, map_in, torch.zeros((), dtype=map_in.dtype, device=map_in.device))
         affine = np.asarray(back["anomaly_map"].affine, dtype=np.float64)
-        return self._finish(data, map_in, brain_in, affine, per_slice, keep, image, rec, amap)
+        show = most_anomalous_slices(per_slice["score"], PREVIEW_SLICES) or [0]
+        preview_rec, preview_map = np.zeros(brain_np.shape, np.float32), np.zeros(brain_np.shape, np.float32)
+        rec_show, map_show = _to_host(rec[..., show].float(), amap[..., show].float())
+        preview_rec[..., show], preview_map[..., show] = rec_show, map_show
+        return self._finish(data, map_in, brain_in, affine, per_slice, keep, image, preview_rec, preview_map)
 
     def _score_image(self, data: Mapping[str, Any], timings: dict[str, float]) -> ScoreResult:
         image: MetaTensor = data["image"]
@@ -428,8 +372,8 @@ class AnomalyScorer:
     def _finish(
         self,
         data: Mapping[str, Any],
-        map_in: np.ndarray,
-        brain_in: np.ndarray,
+        map_in: np.ndarray | torch.Tensor,
+        brain_in: np.ndarray | torch.Tensor,
         affine: np.ndarray,
         per_slice: Mapping[str, np.ndarray],
         keep: np.ndarray,
@@ -439,10 +383,13 @@ class AnomalyScorer:
     ) -> ScoreResult:
         source = str(data["source"])
         lesion = None
-        lesion_voxels = None
-        if self.threshold is not None:
+        if isinstance(map_in, torch.Tensor):  # on the device: post-process there, then one copy to the host
+            if self.threshold is not None and self.postprocess_device not in ("cpu", "torch-cpu"):
+                lesion = lesion_mask_torch(map_in, brain_in, self.threshold, self.postprocess_config)
+            map_in, brain_in, lesion = _to_host(map_in, brain_in, lesion)
+        if self.threshold is not None and lesion is None:
             lesion = lesion_mask_on(map_in, brain_in, self.threshold, self.postprocess_config, self.postprocess_device)
-            lesion_voxels = int(lesion.sum())
+        lesion_voxels = None if lesion is None else int(lesion.sum())
         voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0 if data["kind"] == "volume" else None
         slice_scores = np.asarray(per_slice["score"])
         finite = slice_scores[np.isfinite(slice_scores)]
@@ -453,9 +400,9 @@ class AnomalyScorer:
             "volume_score": float(map_in[brain_in].mean()) if brain_in.any() else 0.0,
             "volume_score_method": VOLUME_SCORE_METHOD,
             "max_slice_score": float(finite.max()) if finite.size else None,
-            "slice_scores": _finite_list(slice_scores),
-            "slice_scores_flow": _finite_list(per_slice["score_flow"]) if "score_flow" in per_slice else None,
-            "slice_scores_recon": _finite_list(per_slice["score_recon"]) if "score_recon" in per_slice else None,
+            "slice_scores": finite_list(slice_scores),
+            "slice_scores_flow": finite_list(per_slice["score_flow"]) if "score_flow" in per_slice else None,
+            "slice_scores_recon": finite_list(per_slice["score_recon"]) if "score_recon" in per_slice else None,
             "slice_axis": "last axis of the RAS-oriented (and resampled, if configured) input",
             "scored_slices": int(len(keep)),
             "threshold": self.threshold,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -14,7 +13,14 @@ from monai_aeflow.device import autocast, resolve_amp_dtype
 from monai_aeflow.models import spec_of
 from monai_aeflow.scores import combined_score, recon_score
 
-__all__ = ["VolumeResult", "default_batch_size", "pad_to_multiple", "score_slices", "score_volume"]
+__all__ = [
+    "VolumeResult",
+    "default_batch_size",
+    "pad_to_multiple",
+    "score_slices",
+    "score_volume",
+    "score_volume_on",
+]
 
 CPU_BATCH_PIXELS = 262_144
 """Pixels per batch on CPU (e.g. 16 slices of 128 x 128, 4 of 240 x 240): larger batches stop fitting the caches
@@ -89,8 +95,13 @@ def score_slices(
     map_kind: str = "residual",
     amp: bool | None = None,
     amp_dtype: str | torch.dtype | None = None,
+    output_device: torch.device | str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run a registered 2D model (AE-FLOW by default) on a stack of images in batches, without a per-image loop.
+
+    On CUDA the stack is staged in pinned memory and copied batch by batch without blocking, each batch's
+    outputs are copied into preallocated outputs without blocking either, and the host waits once, at the
+    end: no per-batch synchronisation.
 
     Args:
         network: the model (put in ``eval()`` mode here).
@@ -103,25 +114,32 @@ def score_slices(
         amp_dtype: ``"bfloat16"`` (the CUDA default), ``"float16"``, ``"none"`` or None (the device's default,
             see :func:`~monai_aeflow.device.resolve_amp_dtype`); an explicit dtype applies on CPU too. The flow's
             densities, log-determinants and the SSIM term are computed in float32 whatever the autocast.
+        output_device: where the outputs are returned (default: the CPU); the network's device keeps them there
+            for further work on the device.
 
     Returns:
         ``{"anomaly_map": (N, 1, H, W), "reconstruction": (N, C, H, W), "score": (N,)}`` plus the model's
-        extra terms (``score_flow`` and ``score_recon`` for AE-FLOW) as CPU float32 tensors.
+        extra terms (``score_flow`` and ``score_recon`` for AE-FLOW) as float32 tensors on ``output_device``.
     """
     network.eval()
     spec = spec_of(network)
     device = next(network.parameters()).device
+    out_device = torch.device("cpu") if output_device is None else torch.device(output_device)
     dtype = resolve_amp_dtype(amp_dtype, device, amp)
     # channels-last is faster on CUDA and on CPU (oneDNN) once the weights are channels-last too
     # (AnomalyScorer converts the network; a contiguous network still gives the same numbers)
     fmt = torch.channels_last
     padded, (left, right, top, bottom) = pad_to_multiple(images.float(), spec.size_multiple_of(network))
+    cuda = device.type == "cuda"
+    if cuda and padded.device.type == "cpu":
+        padded = padded.pin_memory()  # so that the per-batch copies below do not block
     hp, wp = padded.shape[-2:]
     if batch_size is None:
         batch_size = default_batch_size(device, hp, wp)
     crop = (..., slice(top, hp - bottom), slice(left, wp - right))
-    chunks: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, padded.shape[0], batch_size):
+    n = padded.shape[0]
+    outputs: dict[str, torch.Tensor] = {}
+    for start in range(0, n, batch_size):
         x = padded[start : start + batch_size].to(device, non_blocking=True).contiguous(memory_format=fmt)
         with autocast(device, dtype):
             out = spec.score(network, x, beta=beta, map_kind=map_kind)
@@ -130,11 +148,68 @@ def score_slices(
             out["score_recon"] = recon_score(x[crop].float(), out["recon"][crop].float())
             out["score"] = combined_score(out["score_flow"], out["score_recon"], beta)
         for key, value in out.items():
-            value = value.float()
-            chunks.setdefault(key, []).append((value[crop] if value.ndim == 4 else value).cpu())
-    out = {key: torch.cat(values) for key, values in chunks.items()}
-    out["reconstruction"] = out.pop("recon")
-    return out
+            value = value[crop] if value.ndim == 4 else value
+            if key not in outputs:  # preallocated once the shapes are known (pinned when copied from CUDA)
+                shape, pin = (n, *value.shape[1:]), cuda and out_device.type == "cpu"
+                outputs[key] = torch.empty(shape, dtype=torch.float32, device=out_device, pin_memory=pin)
+            outputs[key][start : start + value.shape[0]].copy_(value, non_blocking=True)
+    if cuda and out_device.type == "cpu":
+        torch.cuda.current_stream(device).synchronize()  # the one wait: the non-blocking copies have landed
+    outputs["reconstruction"] = outputs.pop("recon")
+    return outputs
+
+
+def score_volume_on(
+    network: torch.nn.Module,
+    volume: torch.Tensor,
+    slices: np.ndarray | None = None,
+    batch_size: int | None = 32,
+    beta: float = 0.9,
+    map_kind: str = "residual",
+    amp: bool | None = None,
+    amp_dtype: str | torch.dtype | None = None,
+    output_device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`score_volume` returning tensors on ``output_device`` (the network's device keeps the maps there).
+
+    Args:
+        network: the model.
+        volume: (X, Y, Z) or (C, X, Y, Z) in [0, 1], RAS, axial slices along the last axis.
+        slices: indices of the slices to score (default: all).
+        batch_size: slices per forward pass (``None``: :func:`default_batch_size`).
+        beta: weight of the flow score.
+        map_kind: pixel map kind.
+        amp: autocast on CUDA.
+        amp_dtype: autocast dtype (see :func:`score_slices`).
+        output_device: where the outputs are returned (default: the CPU).
+
+    Returns:
+        ``anomaly_map`` and ``reconstruction`` (X, Y, Z) float32 on ``output_device`` (zero on slices that were
+        not scored, the reconstruction averaged over channels), and the per-slice terms (``score``, and
+        ``score_flow`` / ``score_recon`` for models with them) as (Z,) CPU float32 tensors, NaN where not scored.
+    """
+    vol = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor) else volume).float()
+    if vol.ndim == 3:
+        vol = vol[None]
+    if vol.ndim != 4:
+        raise ValueError(f"expected a (X, Y, Z) or (C, X, Y, Z) volume, got shape {tuple(vol.shape)}")
+    c, x, y, z = vol.shape
+    idx = np.arange(z) if slices is None else np.asarray(slices, dtype=int)
+    stack = vol[..., idx].permute(3, 0, 1, 2)  # (N, C, X, Y)
+    out = score_slices(network, stack, batch_size, beta, map_kind, amp, amp_dtype, output_device=output_device)
+    dev = out["anomaly_map"].device
+    where = torch.as_tensor(idx, device=dev)
+    result: dict[str, torch.Tensor] = {}
+    for key, value in (("anomaly_map", out["anomaly_map"][:, 0]), ("reconstruction", out["reconstruction"].mean(1))):
+        full = torch.zeros((x, y, z), dtype=torch.float32, device=dev)
+        full[..., where] = value.permute(1, 2, 0)
+        result[key] = full
+    for key in ("score", "score_flow", "score_recon"):
+        if key in out:
+            per = torch.full((z,), float("nan"), dtype=torch.float32)
+            per[torch.as_tensor(idx)] = out[key].cpu()
+            result[key] = per
+    return result
 
 
 def score_volume(
@@ -162,22 +237,7 @@ def score_volume(
     Returns:
         A :class:`VolumeResult` on the volume's grid.
     """
-    vol = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor) else volume).float()
-    if vol.ndim == 3:
-        vol = vol[None]
-    if vol.ndim != 4:
-        raise ValueError(f"expected a (X, Y, Z) or (C, X, Y, Z) volume, got shape {tuple(vol.shape)}")
-    c, x, y, z = vol.shape
-    idx = np.arange(z) if slices is None else np.asarray(slices, dtype=int)
-    stack = vol[..., idx].permute(3, 0, 1, 2)  # (N, C, X, Y)
-    out: dict[str, Any] = score_slices(network, stack, batch_size, beta, map_kind, amp, amp_dtype)
-    amap = np.zeros((x, y, z), np.float32)
-    rec = np.zeros((x, y, z), np.float32)
-    per_slice = {}
-    for key in ("score", "score_flow", "score_recon"):
-        if key in out:
-            per_slice[key] = np.full(z, np.nan, np.float32)
-            per_slice[key][idx] = out[key].numpy()
-    amap[..., idx] = out["anomaly_map"][:, 0].permute(1, 2, 0).numpy()
-    rec[..., idx] = out["reconstruction"].mean(1).permute(1, 2, 0).numpy()
-    return VolumeResult(amap, rec, per_slice["score"], per_slice.get("score_flow"), per_slice.get("score_recon"))
+    out = score_volume_on(network, volume, slices, batch_size, beta, map_kind, amp, amp_dtype)
+    terms = {k: out[k].numpy() if k in out else None for k in ("score", "score_flow", "score_recon")}
+    maps = out["anomaly_map"].numpy(), out["reconstruction"].numpy()
+    return VolumeResult(*maps, terms["score"], terms["score_flow"], terms["score_recon"])

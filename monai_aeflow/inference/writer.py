@@ -12,7 +12,10 @@ __all__ = ["BackgroundWriter"]
 
 
 class BackgroundWriter:
-    """Runs ``write(*args)`` for each :meth:`put` in one background thread, in order, with a bounded queue.
+    """Runs ``write(*args)`` for each :meth:`put` in background threads, with a bounded queue.
+
+    One thread writes the items in order; several write them concurrently (compressing a ``.nii.gz`` releases
+    the GIL, so a GPU scorer that outpaces one writer is kept fed by a few), each item still whole.
 
     ``put`` blocks while ``max_pending`` items wait, so a slow disk holds the producer back instead of filling
     memory. ``write`` handles the errors of one item itself (a failed input is recorded, the others go on);
@@ -21,6 +24,7 @@ class BackgroundWriter:
     Args:
         write: the function that writes one item.
         max_pending: items waiting at most.
+        threads: writer threads.
 
     Example::
 
@@ -29,14 +33,19 @@ class BackgroundWriter:
                 writer.put(result)
     """
 
-    def __init__(self, write: Callable[..., None], max_pending: int = 2) -> None:
+    def __init__(self, write: Callable[..., None], max_pending: int = 2, threads: int = 1) -> None:
+        if threads < 1:
+            raise ValueError(f"at least one writer thread is needed, got {threads}")
         self._write = write
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_pending))
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="aeflow-writer", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._run, name=f"aeflow-writer-{i}", daemon=True) for i in range(threads)
+        ]
 
     def __enter__(self) -> BackgroundWriter:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def _run(self) -> None:
@@ -59,7 +68,9 @@ class BackgroundWriter:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
         if self._error is not None and exc is None:
             raise self._error

@@ -174,3 +174,27 @@ def test_device_resident_volume_scoring_equals_the_numpy_path_and_preview_slices
     np.testing.assert_allclose(
         result.preview["anomaly_map"][..., show], (ref.anomaly_map * brain)[..., show], atol=1e-5
     )
+
+
+def test_compiled_network_scores_like_eager(cohort_and_model, monkeypatch, tmp_path):
+    """``compile=True`` goes through ``torch.compile`` (traced by TorchDynamo; the eager backend keeps the test free
+    of a C++ compiler) and gives the eager scorer's outputs."""
+    calls = []
+    real = torch.compile
+
+    def traced(model, **kwargs):
+        calls.append(kwargs)
+        return real(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", traced)
+    image = cohort_and_model["images"][-1]
+    ref = AnomalyScorer(cohort_and_model["model"], device="cpu").score(image)
+    got = AnomalyScorer(cohort_and_model["model"], device="cpu", compile=True).score(image)
+    assert calls == [{"mode": "default"}]
+    np.testing.assert_allclose(got.anomaly_map, ref.anomaly_map, atol=1e-5)
+    np.testing.assert_array_equal(got.lesion_mask, ref.lesion_mask)
+    # the CLI flag reaches the scorer
+    args = ["score", str(image), "--model", str(cohort_and_model["model"]), "-o", str(tmp_path / "cli"), "--compile"]
+    result = CliRunner().invoke(cli, [*args, "--quiet", "--device", "cpu", "--no-preview"])
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 2

@@ -62,6 +62,7 @@ def _run(
     dicom_out: bool = False,
     amp_dtype: str | None = None,
     distributed: bool | None = None,
+    compile_network: bool = False,
 ) -> list[dict[str, Any]]:
     from monai_aeflow.data.io import file_kind
     from monai_aeflow.errors import AEFlowInputError
@@ -104,9 +105,10 @@ def _run(
             max_voxels=max_voxels,
             accept_irregular_series=accept_irregular_series,
             amp_dtype=amp_dtype,
+            compile=compile_network,
         )
-        if workers is None:
-            workers = 2 if scorer.device.type == "cuda" else 1
+        if workers is None:  # an accelerator outpaces one decoding process
+            workers = 1 if scorer.device.type == "cpu" else min(8, max(2, (os.cpu_count() or 2) // 2))
         if not quiet and ctx.rank == 0:
             source = "" if scorer.threshold_source is None else f" from {scorer.threshold_source}"
             click.echo(
@@ -171,7 +173,8 @@ def _run(
     "--workers",
     type=click.IntRange(0),
     default=None,
-    help="Processes decoding the next inputs while the model runs (0: in this process; default 2 on CUDA, else 1).",
+    help="Processes decoding the next inputs while the model runs (0: in this process; default 1 on the CPU, "
+    "half the CPU cores (2 to 8) on CUDA).",
 )
 @click.option("--no-preview", is_flag=True, help="Do not write the PNG previews.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table.")
@@ -208,6 +211,13 @@ def _run(
     help="Shard the inputs across the processes of a torchrun launch (on by default under torchrun): "
     "torchrun --nproc_per_node N -m aeflow_cli score ...; rank 0 writes summary.csv.",
 )
+@click.option(
+    "--compile",
+    "compile_network",
+    is_flag=True,
+    help="torch.compile the network (fused kernels; the first batches of each shape wait for compilation, so it "
+    "pays off over many inputs).",
+)
 def score(
     paths: tuple[str, ...],
     model: str,
@@ -225,6 +235,7 @@ def score(
     dicom_out: bool,
     amp_dtype: str | None,
     distributed: bool | None,
+    compile_network: bool,
 ) -> None:
     """Score volumes and images: anomaly map, lesion mask, scores JSON and preview per input.
 
@@ -243,7 +254,7 @@ def score(
     """
     rows = run_guarded(
         _run, paths, model, out, device, batch_size, threshold, mask, overwrite, workers, not no_preview, quiet,
-        max_voxels, accept_irregular_series, dicom_out, amp_dtype, distributed or None,
+        max_voxels, accept_irregular_series, dicom_out, amp_dtype, distributed or None, compile_network,
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) > 0:  # rank 0 reports the whole run and exits with its code
         return

@@ -94,6 +94,8 @@ class AnomalyScorer:
             :class:`~monai_aeflow.evaluation.postprocess.PostprocessConfig`).
         max_voxels: inputs whose header implies more voxels (times channels) are refused before loading
             (``None``: no limit).
+        compile: ``torch.compile`` the network (True: the default mode; or a mode name such as
+            ``"max-autotune"``); the first batch of each shape waits for the compilation.
         accept_irregular_series: score a DICOM series with unreadable slice files or non-uniform spacing as
             MONAI's ITK reader loads it (readable slices stacked at one spacing) and record the problems in the
             scores as ``irregular_series``; by default such a series is refused.
@@ -115,6 +117,7 @@ class AnomalyScorer:
         accept_irregular_series: bool = False,
         amp_dtype: str | None = None,
         postprocess_device: str | torch.device | None = None,
+        compile: bool | str = False,
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise AEFlowInputError(f"batch size must be at least 1, got {batch_size}")
@@ -126,6 +129,9 @@ class AnomalyScorer:
         self.model_path = resolve_model_path(model)
         self.network, self.checkpoint = load_model(self.model_path, self.device)
         self.network = self.network.to(memory_format=torch.channels_last)  # faster convolutions on CPU and CUDA
+        if compile:
+            mode = "default" if compile is True else str(compile)
+            self.network = torch.compile(self.network, mode=mode)
         config = self.checkpoint["config"]
         self.model_name = str(config.get("model_name", "aeflow"))
         self.preprocessing_config = dict(config.get("preprocessing") or {})

@@ -111,27 +111,49 @@ def profile_summary(fn, device: torch.device, top: int = 12) -> dict:
 
 
 def bench_backbone(
-    backbone: str, device: torch.device, size: int, n_slices: int, repeats: int, peak: float, profile: bool = False
+    backbone: str,
+    device: torch.device,
+    size: int,
+    n_slices: int,
+    repeats: int,
+    peak: float,
+    profile: bool = False,
+    batch_size: int | None = None,
+    compile_mode: str | None = None,
 ) -> dict:
-    """Slices/s of the batched scorer (its default batch size) against a per-slice loop of the same model."""
+    """Slices/s of the batched scorer against a per-slice loop of the same model and against the same batches
+    each waited for (one call, hence one host synchronisation, per batch: the scorer before its copies were made
+    asynchronous)."""
     # channels-last weights, as AnomalyScorer prepares the network
     net = AEFlow(backbone=backbone, backbone_weights=None).to(device).eval().to(memory_format=torch.channels_last)
+    compile_seconds = None
+    if compile_mode:
+        net = torch.compile(net, mode=compile_mode)
     images = torch.rand(n_slices, 1, size, size)
-    batch = default_batch_size(device, size, size)
+    batch = batch_size or default_batch_size(device, size, size)
 
     def batched() -> None:
         score_slices(net, images, batch_size=batch)  # bfloat16 autocast on CUDA (the default)
+
+    def per_batch_sync() -> None:
+        for i in range(0, n_slices, batch):
+            score_slices(net, images[i : i + batch], batch_size=batch)
 
     def loop() -> None:
         for i in range(n_slices):
             score_slices(net, images[i : i + 1], batch_size=1)
 
-    batched()  # warm-up
+    start = time.perf_counter()
+    batched()  # warm-up (and the compilation)
+    _sync(device)
+    if compile_mode:
+        compile_seconds = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t_batched = _best_of(batched, repeats, device)
-    t_loop = _best_of(loop, max(1, repeats // 2), device)
-    flops = model_flops(net, images[:1].to(device)) * n_slices
+    t_sync = _best_of(per_batch_sync, repeats, device)
+    t_loop = _best_of(loop, 1, device) if not compile_mode else None  # a compiled batch-1 graph would be extra
+    flops = model_flops(getattr(net, "_orig_mod", net), images[:1].to(device)) * n_slices
     extra = {"peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20} if device.type == "cuda" else {}
     if profile:
         extra["profile"] = profile_summary(batched, device)
@@ -140,9 +162,13 @@ def bench_backbone(
         "slice_size": size,
         "slices": n_slices,
         "batch_size": batch,
+        "compile": compile_mode,
+        "compile_seconds": compile_seconds,
         "batched_slices_per_s": n_slices / t_batched,
-        "loop_slices_per_s": n_slices / t_loop,
-        "batched_over_loop": t_loop / t_batched,
+        "per_batch_sync_slices_per_s": n_slices / t_sync,
+        "batched_over_per_batch_sync": t_sync / t_batched,
+        "loop_slices_per_s": None if t_loop is None else n_slices / t_loop,
+        "batched_over_loop": None if t_loop is None else t_loop / t_batched,
         "model_gflop_per_slice": flops / n_slices / 1e9,
         "achieved_gflop_per_s": flops / t_batched / 1e9,
         "matmul_peak_gflop_per_s": peak / 1e9,
@@ -203,6 +229,10 @@ def main() -> None:
     parser.add_argument("--backbones", default="resnet18,wide_resnet50_2")
     parser.add_argument("--profile", action="store_true", help="torch.profiler summary of each batched run")
     parser.add_argument("--no-end-to-end", action="store_true", help="skip the one-volume end-to-end test")
+    parser.add_argument("--batch-sizes", default="", help="further batch sizes measured at the largest size")
+    parser.add_argument(
+        "--compile", default="", help="torch.compile mode(s) measured at the largest size, e.g. default,max-autotune"
+    )
     parser.add_argument(
         "--e2e-backbone", default=None, help="backbone of the end-to-end test (default: resnet18 on CPU)"
     )
@@ -226,6 +256,19 @@ def main() -> None:
         for b in args.backbones.split(",")
         for size in args.sizes.split(",")
     ]
+    largest = max(int(v) for v in args.sizes.split(","))
+    for b in args.backbones.split(","):
+        for bs in filter(None, args.batch_sizes.split(",")):
+            report["throughput"].append(
+                bench_backbone(b, device, largest, args.slices, args.repeats, peak, False, int(bs))
+            )
+        for mode in filter(None, args.compile.split(",")):
+            try:
+                report["throughput"].append(
+                    bench_backbone(b, device, largest, args.slices, args.repeats, peak, compile_mode=mode)
+                )
+            except Exception as err:  # a compiler missing on the machine: recorded, the rest still runs
+                report["throughput"].append({"backbone": b, "compile": mode, "error": f"{type(err).__name__}: {err}"})
     if not args.no_end_to_end:
         e2e = args.e2e_backbone or ("wide_resnet50_2" if device.type == "cuda" else "resnet18")
         with tempfile.TemporaryDirectory() as tmp:

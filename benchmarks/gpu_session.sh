@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of the scoring-at-scale work in one call (about 6 minutes on one H100; each step has its own
+# Every GPU figure of the scoring-at-scale work in one call (about 7 minutes on one H100; each step has its own
 # timeout, so that one stuck step leaves the others' JSON). Results: one JSON per step in $OUT (default gpu_out/).
 #
 # The GPU machine has torch (2.11), numpy, scipy, scikit-learn, click, tqdm, matplotlib and scikit-image, but not
@@ -20,32 +20,38 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD:$PWD/cli${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    > "$OUT/pip.log" 2>&1 || echo "pip install failed: see $OUT/pip.log"
+    >> "$OUT/logs.txt" 2>&1 || echo "pip install failed: see $OUT/logs.txt"
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+nvidia-smi >> "$OUT/logs.txt" 2>&1
 python3 -c "import monai, nibabel, FrEIA, ignite, monai_aeflow.inference, aeflow_cli.main; print('imports ok')" \
   2>&1 | tail -3
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 
-step() {  # step NAME SECONDS CMD...: JSON on stdout -> $OUT/NAME.json, stderr -> $OUT/NAME.log
+step() {  # step NAME SECONDS CMD...: JSON on stdout -> $OUT/NAME.json, stderr appended to $OUT/logs.txt
   local name=$1 limit=$2; shift 2
   local start=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.json" 2> "$OUT/$name.log"
+  echo "== $name" >> "$OUT/logs.txt"
+  timeout "$limit" "$@" > "$OUT/$name.json" 2>> "$OUT/logs.txt"
   echo "$name: exit $? in $((SECONDS - start)) s"
 }
 
 # 1. no NaN under float16 / bfloat16 autocast; GPU post-processing equal to scipy (and its time)
-step gpu_checks 90 python3 benchmarks/gpu_checks.py
-# 2. slices/s per backbone and size, the bf16 matmul peak at 8192^3, GPU memory, profiler summary, one volume
-step bench_score 150 python3 benchmarks/bench_score.py --device cuda --sizes 128,256 --slices 256 --repeats 3 \
-  --backbones resnet18,wide_resnet50_2 --profile
-# 3. sustained end to end: VOLUMES (100) generated 240x240x155 .nii.gz volumes, Wide-ResNet-50-2, bf16, 12 decoding workers
-step bench_volumes 200 python3 benchmarks/bench_volumes.py --device cuda --volumes "${VOLUMES:-100}" --backbone wide_resnet50_2 \
+step gpu_checks 80 python3 benchmarks/gpu_checks.py
+# 2. slices/s per backbone and size (batch 32, and 64 at 256), the bf16 matmul peak at 8192^3, GPU memory,
+#    profiler summary, one volume end to end
+step bench_score 170 python3 benchmarks/bench_score.py --device cuda --sizes 128,256 --slices 256 --repeats 3 \
+  --backbones resnet18,wide_resnet50_2 --profile --batch-sizes 64
+# 3. sustained end to end: VOLUMES (100) generated 240x240x155 .nii.gz volumes, Wide-ResNet-50-2, bf16, 12 decoding
+#    workers, the default writer threads
+step bench_volumes 150 python3 benchmarks/bench_volumes.py --device cuda --volumes "${VOLUMES:-100}" --backbone wide_resnet50_2 \
   --workers 12 --profile
-# 4. two GPUs or more: the same through torchrun, against one process (volumes/s from the wall time)
+# 4. torch.compile against eager, Wide-ResNet-50-2 at 256 (the compilation time included in the JSON)
+step bench_compile 150 python3 benchmarks/bench_score.py --device cuda --sizes 256 --slices 256 --repeats 3 \
+  --backbones wide_resnet50_2 --compile default --no-end-to-end
+# 5. two GPUs or more: the same through torchrun, against one process (volumes/s from the wall time)
 if [ "$NGPU" -ge 2 ]; then
-  step multi_gpu 150 python benchmarks/bench_multi_gpu.py --gpus "$NGPU" --volumes 100
+  step multi_gpu 150 python3 benchmarks/bench_multi_gpu.py --gpus "$NGPU" --volumes 100
 fi
 # the JSON results, for the session log
 for f in "$OUT"/*.json; do echo "== $f"; head -c 6000 "$f"; echo; done

@@ -92,6 +92,11 @@ def main() -> None:
     parser.add_argument("--volumes", type=int, default=100)
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: 2 CPU, 8 CUDA)")
+    parser.add_argument(
+        "--write-processes", type=int, default=None, help="writer processes (default: score_paths' for the device)"
+    )
+    parser.add_argument("--write-threads", type=int, default=None, help="writer threads (default: 1)")
+    parser.add_argument("--preview", action="store_true", help="write the PNG previews too")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--amp-dtype", default=None, choices=["bfloat16", "float16", "none"])
     parser.add_argument("--shape", default="240,240,155")
@@ -112,7 +117,16 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        rows = score_paths(scorer, inputs[1:], work / "out", preview=False, workers=workers, progress=False)
+        rows = score_paths(
+            scorer,
+            inputs[1:],
+            work / "out",
+            preview=args.preview,
+            workers=workers,
+            progress=False,
+            write_threads=args.write_threads,
+            write_processes=args.write_processes,
+        )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - start
@@ -134,6 +148,9 @@ def main() -> None:
             "volumes": len(rows),
             "ok": len(ok),
             "workers": workers,
+            "write_processes": args.write_processes,
+            "write_threads": args.write_threads,
+            "preview": args.preview,
             "amp_dtype": str(scorer.amp_dtype),
             "postprocess_device": scorer.postprocess_device,
             "generate_seconds": gen_s,

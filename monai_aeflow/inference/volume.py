@@ -195,7 +195,10 @@ def score_volume_on(
         raise ValueError(f"expected a (X, Y, Z) or (C, X, Y, Z) volume, got shape {tuple(vol.shape)}")
     c, x, y, z = vol.shape
     idx = np.arange(z) if slices is None else np.asarray(slices, dtype=int)
-    stack = vol[..., idx].permute(3, 0, 1, 2)  # (N, C, X, Y)
+    device = next(network.parameters()).device
+    if device.type != "cpu":  # one copy of the volume; the slice selection, layout and padding on the device
+        vol = vol.to(device)
+    stack = vol[..., torch.as_tensor(idx, device=vol.device)].permute(3, 0, 1, 2)  # (N, C, X, Y)
     out = score_slices(network, stack, batch_size, beta, map_kind, amp, amp_dtype, output_device=output_device)
     dev = out["anomaly_map"].device
     where = torch.as_tensor(idx, device=dev)

@@ -93,9 +93,8 @@ def main() -> None:
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: 2 CPU, 8 CUDA)")
     parser.add_argument(
-        "--write-processes", type=int, default=None, help="writer processes (default: score_paths' for the device)"
+        "--write-threads", type=int, default=None, help="writer threads (default: score_paths' for the device)"
     )
-    parser.add_argument("--write-threads", type=int, default=None, help="writer threads (default: 1)")
     parser.add_argument("--preview", action="store_true", help="write the PNG previews too")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--amp-dtype", default=None, choices=["bfloat16", "float16", "none"])
@@ -125,7 +124,6 @@ def main() -> None:
             workers=workers,
             progress=False,
             write_threads=args.write_threads,
-            write_processes=args.write_processes,
         )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -148,7 +146,6 @@ def main() -> None:
             "volumes": len(rows),
             "ok": len(ok),
             "workers": workers,
-            "write_processes": args.write_processes,
             "write_threads": args.write_threads,
             "preview": args.preview,
             "amp_dtype": str(scorer.amp_dtype),

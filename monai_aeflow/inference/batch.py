@@ -24,13 +24,13 @@ from monai_aeflow.inference.outputs import (
 )
 from monai_aeflow.inference.result import ScoreResult
 from monai_aeflow.inference.scorer import AnomalyScorer
-from monai_aeflow.inference.writer import BackgroundWriter, call_reporting_errors, writer_processes
+from monai_aeflow.inference.writer import BackgroundWriter
 
 __all__ = ["expand_inputs", "score_paths"]
 
 
-ACCELERATOR_WRITE_PROCESSES = 4
-"""Writer processes of :func:`score_paths` when the scorer runs on an accelerator."""
+ACCELERATOR_WRITE_THREADS = 4
+"""Writer threads of :func:`score_paths` when the scorer runs on an accelerator."""
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -100,7 +100,6 @@ def score_paths(
     lock: bool = True,
     extra_outputs: Callable[..., Mapping[str, Path]] | None = None,
     write_threads: int | None = None,
-    write_processes: int | None = None,
 ) -> list[dict[str, Any]]:
     """Score many inputs: decoding in worker processes, the model in this one, writing in background threads.
 
@@ -124,10 +123,9 @@ def score_paths(
             :func:`lock_output_folder` for ``out_dir``.
         extra_outputs: further files per input, written with its group (``extra`` of :func:`write_outputs`, e.g.
             :func:`~monai_aeflow.inference.dicom.write_dicom_outputs`).
-        write_threads: threads writing outputs (default 1). The rows keep the order of ``inputs``.
-        write_processes: processes writing outputs, fed by as many threads (0: the threads write; None: 0 on
-            the CPU, where the scorer is the slower side, and :data:`ACCELERATOR_WRITE_PROCESSES` when the scorer
-            runs on an accelerator, which outpaces one writer and must not share the GIL with the writers).
+        write_threads: threads writing outputs (None: 1 on the CPU, where the scorer is the slower side, and
+            :data:`ACCELERATOR_WRITE_THREADS` when the scorer runs on an accelerator, which outpaces one writer
+            compressing ``.nii.gz`` files). The rows keep the order of ``inputs``.
 
     Returns:
         One dict per input: ``input``, ``name``, ``status`` (``"ok"`` or ``"error"``), ``error``,
@@ -159,7 +157,6 @@ def score_paths(
             progress,
             extra_outputs,
             write_threads,
-            write_processes,
         )
     finally:
         if folder_lock is not None:
@@ -212,13 +209,11 @@ def _score_locked(
     progress: bool,
     extra_outputs: Callable[..., Mapping[str, Path]] | None = None,
     write_threads: int | None = None,
-    write_processes: int | None = None,
 ) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    write_threads = 1 if write_threads is None else int(write_threads)
-    if write_processes is None:
-        write_processes = 0 if scorer.device.type == "cpu" else ACCELERATOR_WRITE_PROCESSES
+    if write_threads is None:
+        write_threads = 1 if scorer.device.type == "cpu" else ACCELERATOR_WRITE_THREADS
 
     remove_leftovers(out_root, names)
     queue = list(inputs)
@@ -239,42 +234,17 @@ def _score_locked(
             bar.set_postfix_str(f"{sum(r['status'] == 'error' for r in rows)} failed")
 
     def write(row: dict[str, Any], result: ScoreResult, started: float) -> None:
-        # the input fails on an error, nothing half-written (write_outputs stages the group)
-        args = (write_outputs, result, out_root)
-        kwargs = {"overwrite": overwrite, "preview": preview, "extra": extra_outputs}
-        if pool is None:
-            written, error, user_error = call_reporting_errors(*args, **kwargs)
-        else:  # this thread waits (without the GIL) for a writer process
-            written, error, user_error = pool.submit(call_reporting_errors, *args, **kwargs).result()
-        if error is None:
+        try:
+            written = write_outputs(result, out_root, overwrite=overwrite, preview=preview, extra=extra_outputs)
             row.update(status="ok", outputs={k: str(v) for k, v in written.items()})
             row["timing"]["write_seconds"] = time.perf_counter() - started
-        else:
-            row.update(status="error", user_error=user_error, error=error)
+        except Exception as exc:  # the input fails, nothing half-written (write_outputs stages the group)
+            row.update(status="error", user_error=isinstance(exc, AEFlowInputError))
+            row["error"] = str(exc) if row["user_error"] else f"{type(exc).__name__}: {exc}"
         row["seconds"] += time.perf_counter() - started
         tick()
 
-    threads = max(write_threads, write_processes)
-    pool = writer_processes(write_processes) if write_processes > 0 else None
-    try:
-        _feed(BackgroundWriter(write, max_pending=2 * threads, threads=threads), loader, queue, rows, scorer, tick)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
-    bar.close()
-    return rows
-
-
-def _feed(
-    background: BackgroundWriter,
-    loader: Iterable[dict[str, Any]],
-    queue: Sequence[str | os.PathLike],
-    rows: list[dict[str, Any]],
-    scorer: AnomalyScorer,
-    tick: Callable[[], None],
-) -> None:
-    """Score the loaded inputs in order and hand each result to the writer; a row per input in ``rows``."""
-    with background as writer:
+    with BackgroundWriter(write, max_pending=2 * write_threads, threads=write_threads) as writer:
         for item in loader:
             path = queue[item["index"]]
             row: dict[str, Any] = {"input": str(path), "name": output_name(path), "status": "error", "error": None}
@@ -307,3 +277,5 @@ def _feed(
                 row["note"] = "replaced the incomplete outputs of an interrupted run"
             row["seconds"] += time.perf_counter() - start
             writer.put(row, result, time.perf_counter())
+    bar.close()
+    return rows

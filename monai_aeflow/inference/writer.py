@@ -1,18 +1,14 @@
-"""Background writing: output groups are written in threads (or processes) while the next input is scored."""
+"""A background writer: output groups are written in a thread while the next input is scored."""
 
 from __future__ import annotations
 
-import multiprocessing
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from types import TracebackType
 from typing import Any
 
-from monai_aeflow.errors import AEFlowInputError
-
-__all__ = ["BackgroundWriter", "call_reporting_errors", "writer_processes"]
+__all__ = ["BackgroundWriter"]
 
 
 class BackgroundWriter:
@@ -78,40 +74,3 @@ class BackgroundWriter:
             thread.join()
         if self._error is not None and exc is None:
             raise self._error
-
-
-def writer_processes(processes: int) -> ProcessPoolExecutor:
-    """A pool of writer processes (started by a fork server that has imported the output writers once).
-
-    Writing a ``.nii.gz`` map and a preview is CPU work that partly holds the GIL (the preview's drawing, the
-    compression's Python loop); in processes it neither competes with the scoring thread nor with each other.
-
-    Args:
-        processes: worker processes.
-
-    Returns:
-        The executor; submit :func:`call_reporting_errors` to it.
-    """
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["monai_aeflow.inference.outputs"])
-    return ProcessPoolExecutor(max_workers=processes, mp_context=context)
-
-
-def call_reporting_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, str | None, bool]:
-    """``fn(*args, **kwargs)`` returning ``(value, None, False)``, or ``(None, message, user_error)`` when it raises,
-    so that no exception object has to cross a process boundary (some cannot be pickled back).
-
-    Args:
-        fn: the function.
-        args: its positional arguments.
-        kwargs: its keyword arguments.
-
-    Returns:
-        The value, the error message (None on success) and whether the error is the user's
-        (:class:`~monai_aeflow.errors.AEFlowInputError`).
-    """
-    try:
-        return fn(*args, **kwargs), None, False
-    except Exception as exc:
-        user = isinstance(exc, AEFlowInputError)
-        return None, str(exc) if user else f"{type(exc).__name__}: {exc}", user

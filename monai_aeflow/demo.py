@@ -26,7 +26,7 @@ from monai_aeflow.data.slices import SliceDataset, select_slices
 from monai_aeflow.engines.run import train_model
 from monai_aeflow.engines.workflow import resolve_device
 from monai_aeflow.errors import AEFlowInputError
-from monai_aeflow.fileio import atomic_write, atomic_write_json
+from monai_aeflow.fileio import atomic_write_json, save_nifti
 from monai_aeflow.inference.volume import score_volume
 from monai_aeflow.models import build_model, describe_encoder_weights
 from monai_aeflow.visualize import most_anomalous_slices, save_slice_panel
@@ -223,7 +223,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
             raise RuntimeError(f"anomaly map shape {result.anomaly_map.shape} differs from the input {src.shape}")
         map_path = res_dir / f"{rec['subject_id']}_anomaly.nii.gz"
         img = nib.Nifti1Image(result.anomaly_map.astype(np.float32), src.affine)
-        atomic_write(map_path, lambda tmp, img=img: nib.save(img, tmp))
+        save_nifti(img, map_path)
         truth = np.asarray(vol["label"][0]) > 0
         lesion_area = truth.reshape(-1, truth.shape[-1]).sum(0)
         if lesion_area.any():

@@ -23,6 +23,8 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "current_umask",
+    "gzip_bytes",
+    "save_nifti",
     "to_jsonable",
 ]
 
@@ -78,6 +80,52 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+NIFTI_GZIP_LEVEL = 1
+"""Compression level of the ``.nii.gz`` files written by :func:`save_nifti` (nibabel's default level too)."""
+
+
+def gzip_bytes(data: bytes, level: int = NIFTI_GZIP_LEVEL) -> bytes:
+    """Gzip ``data`` in one call: ISA-L's ``igzip`` when installed (about ten times faster than zlib at level 1,
+    with the GIL released for the whole buffer), else the standard library; no timestamp, so equal inputs give
+    equal files.
+
+    Args:
+        data: the bytes to compress.
+        level: compression level (ISA-L has 0 to 3; higher levels are capped at 3 there).
+
+    Returns:
+        A complete gzip stream (any gzip reader, nibabel's included, reads it).
+    """
+    try:
+        from isal import igzip
+    except ImportError:
+        import gzip
+
+        return gzip.compress(data, compresslevel=level, mtime=0)
+    return igzip.compress(data, compresslevel=min(level, 3), mtime=0)
+
+
+def save_nifti(image: Any, path: str | os.PathLike) -> Path:
+    """Write a nibabel NIfTI image atomically (:func:`atomic_write`); a ``.nii.gz`` is compressed by
+    :func:`gzip_bytes` from the image's bytes (the same header and data as ``nibabel.save``), any other name is
+    written by ``nibabel.save``.
+
+    Args:
+        image: a ``nibabel`` NIfTI-1 or NIfTI-2 image.
+        path: the destination.
+
+    Returns:
+        The destination path.
+    """
+    path = Path(path)
+    if path.name.lower().endswith(".nii.gz"):
+        data = gzip_bytes(image.to_bytes())
+        return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    import nibabel as nib
+
+    return atomic_write(path, lambda tmp: nib.save(image, tmp))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from monai_aeflow.errors import AEFlowInputError
-from monai_aeflow.fileio import atomic_write, atomic_write_json
+from monai_aeflow.fileio import atomic_write_json, save_nifti
 
 __all__ = ["evaluate_volumes"]
 
@@ -38,7 +38,7 @@ def _single_image(record: Mapping[str, Any]) -> str:
 def _zero_label(map_path: Path, out: Path) -> Path:
     ref = nib.load(str(map_path))
     img = nib.Nifti1Image(np.zeros(ref.shape, np.uint8), ref.affine)
-    atomic_write(out, lambda tmp: nib.save(img, tmp))
+    save_nifti(img, out)
     return out
 
 
@@ -94,7 +94,7 @@ def evaluate_volumes(
             written = write_outputs(result, folder, overwrite=True, preview=False)
             mask_path = folder / f"{result.name}_brainmask.nii.gz"
             mask_img = nib.Nifti1Image(result.brain_mask.astype(np.uint8), result.affine)
-            atomic_write(mask_path, lambda tmp, img=mask_img: nib.save(img, tmp))
+            save_nifti(mask_img, mask_path)
             label = record.get("label")
             if label is None:
                 label = _zero_label(written["anomaly"], folder / f"{result.name}_zerolabel.nii.gz")

@@ -21,7 +21,7 @@ import numpy as np
 
 from monai_aeflow.data.io import IMAGE_2D_SUFFIXES
 from monai_aeflow.errors import AEFlowInputError
-from monai_aeflow.fileio import FolderLock, atomic_write, atomic_write_json
+from monai_aeflow.fileio import FolderLock, atomic_write, atomic_write_json, save_nifti
 from monai_aeflow.visualize import most_anomalous_slices, save_slice_panel
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, header: Any, path: Path, 
     img.header.set_sform(affine, code=1)
     if dtype == np.float32:
         img.header["scl_slope"], img.header["scl_inter"] = 1.0, 0.0
-    atomic_write(path, lambda tmp: nib.save(img, tmp))
+    save_nifti(img, path)
 
 
 def _save_2d(array: np.ndarray, path: Path, as_mask: bool) -> None:

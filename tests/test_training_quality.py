@@ -2,7 +2,7 @@
 
 Protocol (stated so that the numbers can be compared across changes):
 - training: healthy axial slices of 6 healthy synthetic subjects (64 x 64 x 48, FLAIR-like), light backbone
-  with random weights (no download offline), the paper's loss (alpha 0.5, MSE) and Adam;
+  with random weights (no download offline), the paper's loss (recipe ``paper``: alpha 0.5, MSE) and Adam;
 - validation (model selection by slice AUROC): 1 healthy and 2 lesioned subjects;
 - test, on unseen subjects: healthy slices of 2 healthy subjects against the slices of 3 lesioned subjects
   that hold at least ``MIN_LESION_PIXELS`` lesion pixels (slices grazing a lesion with a handful of pixels
@@ -67,7 +67,7 @@ def test_aeflow_ranks_lesions_above_healthy_tissue(tmp_path, single_thread):
 
     train_loader = DataLoader(_items(train_s), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
     val_loader = DataLoader(_items(val_h) + _items(val_l), batch_size=64)
-    cfg = TrainingConfig(output_dir=str(tmp_path), max_epochs=EPOCHS, lr=1e-3, progress=False, seed=0)
+    cfg = TrainingConfig(output_dir=str(tmp_path), max_epochs=EPOCHS, lr=1e-3, progress=False, seed=0, recipe="paper")
     summary = train(AEFlow(backbone="resnet18", backbone_weights=None), train_loader, val_loader, cfg)
     net, _ = load_model(summary["model_path"])
 

@@ -213,6 +213,8 @@ def _resume_options(opts: dict[str, Any], given: dict[str, str]) -> tuple[dict[s
         if name in given:
             merged[name] = opts[name]
     merged["output_dir"] = str(run_dir)
+    if "recipe" not in stored:  # a run stored without a recipe trained with the paper's loss
+        merged["recipe"] = "paper"
     for name in ("model_arg", "loss_arg", "fractions", "shape", "spatial_size"):
         if isinstance(merged.get(name), list):
             merged[name] = tuple(merged[name])
@@ -260,6 +262,7 @@ def _run(opts: dict[str, Any], given: dict[str, str]) -> dict[str, Any]:
             validate=not opts["no_validation"],
             progress=not (opts["quiet"] or opts["as_json"]),
             say=say,
+            recipe=opts["recipe"],
             alpha=opts["alpha"],
             beta=opts["beta"],
             resume=resume,
@@ -330,7 +333,19 @@ Examples:
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate.")
 @click.option("--weight-decay", default=1e-5, show_default=True, type=float)
-@click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="AE-FLOW flow loss weight.")
+@click.option(
+    "--recipe",
+    default="balanced",
+    show_default=True,
+    type=click.Choice(["balanced", "paper"]),  # monai_aeflow.models.aeflow.RECIPES (not imported for --help)
+    help="AE-FLOW training recipe: balanced (flow weight 0.05, the decoder learns the anatomy) or paper (alpha 0.5).",
+)
+@click.option(
+    "--alpha",
+    default=None,
+    type=click.FloatRange(0, 1),
+    help="AE-FLOW flow loss weight  [default: the recipe's]",
+)
 @click.option("--beta", default=0.9, show_default=True, type=click.FloatRange(0, 1), help="AE-FLOW flow score weight.")
 @backbone_options
 @click.option("--model-arg", multiple=True, metavar="KEY=VALUE", help="Network argument (JSON value), repeatable.")

@@ -19,8 +19,8 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch.optim import Optimizer
 
-from monai_aeflow.losses import AEFlowLoss
 from monai_aeflow.models import Fitter, spec_of
+from monai_aeflow.models.aeflow import make_loss
 
 __all__ = ["AEFlowTrainer", "AEFlowEvaluator", "AnomalyTrainer", "AnomalyEvaluator", "slice_labels", "OUTPUT_KEYS"]
 
@@ -104,7 +104,8 @@ class AEFlowTrainer(_QuietInterrupt, SupervisedTrainer):
         train_data_loader: loader of healthy images.
         network: the model (see :mod:`monai_aeflow.models`).
         optimizer: optimiser over :func:`monai_aeflow.models.trainable_parameters`.
-        loss_function: an :class:`AEFlowLoss` (default alpha 0.5, MSE).
+        loss_function: the model's loss (default: AE-FLOW's :class:`~monai_aeflow.losses.AEFlowLoss` of the default
+            training recipe, MSE).
         channels_last: use the channels-last memory format (faster convolutions on CUDA).
         flow_init_images: healthy images used to initialise the flow's ActNorm layer when training starts
             (skipped when the model is already initialised, e.g. loaded or resumed).
@@ -134,7 +135,7 @@ class AEFlowTrainer(_QuietInterrupt, SupervisedTrainer):
             train_data_loader=train_data_loader,
             network=network,
             optimizer=optimizer,
-            loss_function=loss_function if loss_function is not None else AEFlowLoss(),
+            loss_function=loss_function if loss_function is not None else make_loss({}),
             **kwargs,
         )
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format

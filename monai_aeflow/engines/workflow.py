@@ -53,6 +53,7 @@ from monai_aeflow.engines.run_folder import (  # noqa: F401  (re-exported: their
 from monai_aeflow.engines.trainer import AEFlowEvaluator, AEFlowTrainer
 from monai_aeflow.errors import AEFlowInputError, CheckpointError
 from monai_aeflow.models import spec_of, trainable_parameters
+from monai_aeflow.models.aeflow import DEFAULT_RECIPE, recipe_alpha
 
 __all__ = [
     "TrainingConfig",
@@ -78,7 +79,10 @@ class TrainingConfig:
         max_epochs: epochs (100 in the paper).
         lr: Adam learning rate (2e-4 in the paper).
         weight_decay: Adam weight decay (1e-5 in the paper).
-        alpha: flow weight of the loss.
+        recipe: AE-FLOW's training recipe, a name of :data:`monai_aeflow.models.aeflow.RECIPES`: ``"balanced"``
+            (the default: flow weight 0.05, so that the decoder learns the anatomy) or ``"paper"`` (the paper's
+            alpha 0.5). Stored in ``model.pt`` with the other training settings.
+        alpha: flow weight of the loss; None (the default): the recipe's (resolved when the config is made).
         beta: flow weight of the image score.
         recon_loss: ``"mse"`` or ``"ssim"``.
         map_kind: pixel map used in validation and stored as the model's default.
@@ -104,7 +108,8 @@ class TrainingConfig:
     max_epochs: int = 100
     lr: float = 2e-4
     weight_decay: float = 1e-5
-    alpha: float = 0.5
+    recipe: str = DEFAULT_RECIPE
+    alpha: float | None = None
     beta: float = 0.9
     recon_loss: str = "mse"
     map_kind: str = "residual"
@@ -121,6 +126,9 @@ class TrainingConfig:
     preprocessing: dict[str, Any] = field(default_factory=dict)
     loss_options: dict[str, Any] = field(default_factory=dict)
     run_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.alpha = recipe_alpha(self.recipe, self.alpha)
 
     def model_config(self) -> dict[str, Any]:
         """The configuration stored with the trained model (everything but the network's own arguments)."""

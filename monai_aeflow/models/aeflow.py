@@ -17,7 +17,24 @@ from monai_aeflow.models.spec import ModelSpec
 from monai_aeflow.networks.aeflow import AEFlow
 from monai_aeflow.scores import DEFAULT_MAP_KIND, anomaly_map, combined_score, flow_score, recon_score
 
-__all__ = ["SPEC", "aeflow_score", "make_loss"]
+__all__ = ["DEFAULT_RECIPE", "RECIPES", "SPEC", "aeflow_score", "make_loss", "recipe_alpha"]
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "balanced": {
+        "alpha": 0.05,
+        "description": "flow weight 0.05: the reconstruction term keeps the flow's output decodable while the flow "
+        "still learns the features' density (the default; measured in benchmarks/bench_recipe.py)",
+    },
+    "paper": {
+        "alpha": 0.5,
+        "description": "the paper's joint loss, alpha 0.5 (the per-dimension NLL outweighs the MSE and the decoder "
+        "learns little more than the mean image)",
+    },
+}
+"""AE-FLOW's named training recipes: the loss settings each one gives (``alpha``, the flow weight)."""
+
+DEFAULT_RECIPE = "balanced"
+"""The recipe used when none is named."""
 
 
 def aeflow_score(
@@ -50,16 +67,37 @@ def aeflow_score(
     }
 
 
+def recipe_alpha(recipe: str | None = None, alpha: float | None = None) -> float:
+    """The flow weight of a training run: ``alpha`` when given, else the recipe's.
+
+    Args:
+        recipe: a name of :data:`RECIPES` (None: :data:`DEFAULT_RECIPE`).
+        alpha: an explicit flow weight that overrides the recipe's, or None.
+
+    Returns:
+        The flow weight ``alpha`` of :class:`AEFlowLoss`.
+
+    Raises:
+        ValueError: an unknown recipe name.
+    """
+    name = DEFAULT_RECIPE if recipe is None else str(recipe)
+    if name not in RECIPES:
+        raise ValueError(f"unknown AE-FLOW training recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return float(RECIPES[name]["alpha"] if alpha is None else alpha)
+
+
 def make_loss(training: Mapping[str, Any]) -> nn.Module:
     """AE-FLOW's loss from the training settings.
 
     Args:
-        training: ``alpha`` (flow weight, default 0.5) and ``recon_loss`` (``mse``, ``l1`` or ``ssim``).
+        training: ``recipe`` (a name of :data:`RECIPES`, default :data:`DEFAULT_RECIPE`), ``alpha`` (flow weight;
+            None or absent: the recipe's) and ``recon_loss`` (``mse`` or ``ssim``).
 
     Returns:
         An :class:`AEFlowLoss`.
     """
-    return AEFlowLoss(float(training.get("alpha", 0.5)), str(training.get("recon_loss", "mse")))
+    alpha = recipe_alpha(training.get("recipe"), training.get("alpha"))
+    return AEFlowLoss(alpha, str(training.get("recon_loss", "mse")))
 
 
 SPEC = ModelSpec(

@@ -178,16 +178,21 @@ def test_outputs_are_not_overwritten_without_the_flag(lesion_case, tmp_path):
 
 
 def test_interrupted_write_leaves_no_partial_file(lesion_case, tmp_path, monkeypatch):
+    import monai_aeflow.fileio as fileio
     import monai_aeflow.inference.outputs as pipeline
 
     scorer = AnomalyScorer(lesion_case["model"], device="cpu")
     result = scorer.score(lesion_case["image"])
+    real_atomic_write = fileio.atomic_write
 
-    def broken_save(img, filename):
-        Path(filename).write_bytes(b"\x1f\x8b partial")
-        raise KeyboardInterrupt
+    def interrupted(path, write):  # the map's bytes are half on disk when the interrupt comes
+        def partial(tmp):
+            Path(tmp).write_bytes(b"\x1f\x8b partial")
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.nib, "save", broken_save)
+        return real_atomic_write(path, partial)
+
+    monkeypatch.setattr(fileio, "atomic_write", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pipeline.write_outputs(result, tmp_path / "out")
     assert not list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True

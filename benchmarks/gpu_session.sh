@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of the scoring-at-scale work in one call (about 7 minutes on one H100; each step has its own
+# Every GPU figure of the scoring-at-scale work in one call (about 5 minutes on one H100; each step has its own
 # timeout, so that one stuck step leaves the others' JSON). Results: one JSON per step in $OUT (default gpu_out/).
 #
 # The GPU machine has torch (2.11), numpy, scipy, scikit-learn, click, tqdm, matplotlib and scikit-image, but not

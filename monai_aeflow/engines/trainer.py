@@ -129,6 +129,8 @@ class AEFlowTrainer(_QuietInterrupt, SupervisedTrainer):
     ) -> None:
         kwargs.setdefault("decollate", False)
         kwargs.setdefault("amp_kwargs", {"dtype": torch.bfloat16})  # float16 overflows in the flow
+        # handlers given here (a bundle's validation) are attached after the fit's end-of-epoch step
+        deferred_handlers = kwargs.pop("train_handlers", None) if fitter is not None else None
         super().__init__(
             device=torch.device(device),
             max_epochs=max_epochs,
@@ -144,6 +146,8 @@ class AEFlowTrainer(_QuietInterrupt, SupervisedTrainer):
         self.add_event_handler(Events.STARTED, self._initialize_flow)
         if fitter is not None:  # registered first: the fit is complete before any validation handler runs
             self.add_event_handler(Events.EPOCH_COMPLETED, self._finish_fit)
+        if deferred_handlers:
+            self._register_handlers(deferred_handlers)
         self._quiet_interrupts()
 
     def _finish_fit(self, engine: AEFlowTrainer) -> None:

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from monai_aeflow.checkpoint import load_model
 from monai_aeflow.data.bundle_datalists import (  # noqa: F401  (private names: their home before the move)
     _BRAIN_KINDS,
     _BRAIN_MARKER,
@@ -261,7 +262,7 @@ def install_error_hook() -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def build_bundle_network(name: str | None = None, **hparams: Any) -> nn.Module:
+def build_bundle_network(name: str | None = None, model_file: str | None = None, **hparams: Any) -> nn.Module:
     """Build a registered model, leaving out the settings its class does not take.
 
     The bundles list AE-FLOW's settings (``backbone``, ``flow_blocks``...); with ``model_name`` set to a
@@ -270,11 +271,16 @@ def build_bundle_network(name: str | None = None, **hparams: Any) -> nn.Module:
 
     Args:
         name: registry key (default AE-FLOW).
+        model_file: when it names an existing model file, the network stored there (its model, settings such as
+            PatchCore's fitted memory-bank size, and weights; :func:`~monai_aeflow.checkpoint.load_model`) is
+            returned instead, whatever ``name`` and ``hparams`` say.
         hparams: keyword arguments of the network class.
 
     Returns:
         The network (see :func:`monai_aeflow.models.build_network`).
     """
+    if model_file is not None and Path(str(model_file)).is_file():
+        return load_model(model_file)[0]
     spec = get_model_spec(name)
     params = inspect.signature(spec.network_cls).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):

@@ -22,6 +22,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from monai_aeflow.bundle import AnomalyMapNet
 from monai_aeflow.checkpoint import load_model
 from monai_aeflow.networks.dae import DenoisingAutoEncoder
 from monai_aeflow.networks.patchcore import PatchCore
@@ -177,6 +178,27 @@ def test_brain_bundle_evaluates_patchcore_from_its_model_file(brain_patchcore: P
     assert metrics["metrics"]["test_slice_auroc"] == pytest.approx(_csv_auroc(root / "eval" / "slice_scores.csv"))
     assert metrics["n_abnormal_slices"] > 0
     assert 0.0 <= metrics["volume_protocol"]["metrics"]["pixel"]["auroc"]["value"] <= 1.0
+
+
+def test_brain_ckpt_export_of_patchcore_matches_eager(brain_patchcore: Path) -> None:
+    # no --model_name: inference.json's network_def is the network the model file holds (bank of the fitted size)
+    root = brain_patchcore
+    ts_path = root / "models" / "model.ts"
+    _bundle(
+        BRAIN,
+        ["ckpt_export", "network_def", "--filepath", str(ts_path), "--ckpt_file", str(root / "models" / "model.pt")]
+        + ["--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"]
+        + ["--key_in_ckpt", "network", "--use_trace", "True", "--input_shape", "[1, 1, 64, 64]"]
+        + ["--bundle_root", str(root)],
+    )
+    scripted = torch.jit.load(str(ts_path))
+    eager = AnomalyMapNet(load_model(root / "models" / "model.pt")[0]).eval()
+    torch.manual_seed(1)
+    for x in (torch.rand(3, 1, 64, 64), torch.rand(2, 1, 64, 64) * 0.5):
+        with torch.no_grad():
+            expected, got = eager(x), scripted(x)
+        assert got.shape == expected.shape == (x.shape[0], 1, 64, 64)
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4), float((got - expected).abs().max())
 
 
 def test_brain_multi_gpu_config_fits_patchcore_on_every_rank(brain_patchcore: Path, tmp_path: Path) -> None:

@@ -135,6 +135,24 @@ def test_brain_bundle_fits_patchcore_in_one_pass_over_the_healthy_training_slice
     assert float(nearest.max()) < 1e-3 * float(feats.norm(dim=1).mean())
 
 
+def test_brain_train_config_with_patchcore_has_monai_train_properties(brain_patchcore: Path, tmp_path: Path) -> None:
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(
+        config_file=str(BRAIN / "configs" / "train.json"),
+        meta_file=str(BRAIN / "configs" / "metadata.json"),
+        logging_file=False,
+        workflow_type="train",
+        bundle_root=str(tmp_path),
+        dataset_dir=str(brain_patchcore / "data" / "synthetic"),
+        model_name="patchcore",
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    assert workflow.parser.get_parsed_content("optimizer") is None
+    assert workflow.parser.get_parsed_content("train#trainer").state.max_epochs == 1
+
+
 def test_brain_patchcore_maps_score_lesion_voxels_above_healthy_brain_voxels(
     brain_patchcore: Path, tmp_path: Path
 ) -> None:

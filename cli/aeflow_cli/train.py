@@ -338,7 +338,7 @@ Examples:
     default="balanced",
     show_default=True,
     type=click.Choice(["balanced", "paper"]),  # monai_aeflow.models.aeflow.RECIPES (not imported for --help)
-    help="AE-FLOW training recipe: balanced (flow weight 0.05, the decoder learns the anatomy) or paper (alpha 0.5).",
+    help="AE-FLOW training recipe: balanced (flow weight 0.02, the decoder learns the anatomy) or paper (alpha 0.5).",
 )
 @click.option(
     "--alpha",

@@ -80,7 +80,7 @@ class TrainingConfig:
         lr: Adam learning rate (2e-4 in the paper).
         weight_decay: Adam weight decay (1e-5 in the paper).
         recipe: AE-FLOW's training recipe, a name of :data:`monai_aeflow.models.aeflow.RECIPES`: ``"balanced"``
-            (the default: flow weight 0.05, so that the decoder learns the anatomy) or ``"paper"`` (the paper's
+            (the default: flow weight 0.02, so that the decoder learns the anatomy) or ``"paper"`` (the paper's
             alpha 0.5). Stored in ``model.pt`` with the other training settings.
         alpha: flow weight of the loss; None (the default): the recipe's (resolved when the config is made).
         beta: flow weight of the image score.

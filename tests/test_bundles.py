@@ -158,6 +158,10 @@ def test_brain_training_writes_model_checkpoint_and_tensorboard(brain: dict[str,
     assert cfg["model_name"] == "aeflow" and cfg["model"]["backbone"] == "efficientnet_lite0"
     assert cfg["preprocessing"]["spatial_size"] == [32, 32] and cfg["score"]["beta"] == 0.9
     assert "val_auroc" in cfg["training"]["metrics"] and cfg["training"]["epoch"] == 1
+    from monai_aeflow.models.aeflow import RECIPES
+
+    # the bundle trains with the default recipe, recorded as aeflow-cli train records it
+    assert cfg["training"]["recipe"] == "balanced" and cfg["training"]["alpha"] == RECIPES["balanced"]["alpha"]
     assert net.flow.actnorm is None or bool(net.flow.actnorm.initialized)
     assert list((root / "models").glob("training_*.pt")), "resumable checkpoint"
     scalars, grids = _scalar_tags(root / "logs")

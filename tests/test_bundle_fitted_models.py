@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,53 +26,28 @@ from monai_aeflow.checkpoint import load_model
 from monai_aeflow.networks.dae import DenoisingAutoEncoder
 from monai_aeflow.networks.patchcore import PatchCore
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bundle_harness import BRAIN_TINY, IMAGES_TINY_DATA, run_bundle, run_checked  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 BRAIN = ROOT / "bundles" / "aeflow_brain_mri"
 IMAGES = ROOT / "bundles" / "aeflow_2d_images"
-TIMEOUT = 600
 
 # PatchCore's pixel AUROC over the brain voxels of the test subjects of the default synthetic cohort (64 x 64 slices,
 # 10 healthy and 8 lesioned subjects), measured with cohort and split seeds 0, 1 and 2: 0.827, 0.846 and 0.750 (the
 # test runs seed 0, deterministic on a CPU). Chance is 0.5; 0.70 is 0.20 over chance and 0.05 under the lowest seed.
 MIN_PIXEL_AUROC = 0.70
 
-TINY = [
-    "--synthetic_cohort#n_healthy", "4",
-    "--synthetic_cohort#n_lesion", "4",
-    "--synthetic_cohort#shape", "[32, 32, 24]",
-    "--synthetic_cohort#spacing", "[6.0, 6.0, 5.0]",
-    "--image_size", "[32, 32]",
-    "--split_fractions", "[0.5, 0.25, 0.25]",
-    "--batch_size", "8",
-    "--max_epochs", "1",
-    "--flow_init", "16",
-]  # fmt: skip
-IMAGES_TINY = [
-    "--synthetic_images#n_healthy", "4",
-    "--synthetic_images#n_lesion", "4",
-    "--synthetic_images#shape", "[32, 32, 24]",
-    "--synthetic_images#spacing", "[6.0, 6.0, 5.0]",
-    "--synthetic_images#min_lesion_pixels", "4",
-    "--image_size", "[32, 32]",
-    "--split_fractions", "[0.5, 0.25, 0.25]",
-    "--batch_size", "8",
-]  # fmt: skip
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return env
+TINY = BRAIN_TINY
+IMAGES_TINY = IMAGES_TINY_DATA
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}"
-    return res
+    return run_checked(cmd, cwd)
 
 
 def _bundle(bundle: Path, args: list[str]) -> subprocess.CompletedProcess:
-    return _run([sys.executable, "-m", "monai.bundle", *args], bundle)
+    return run_bundle(bundle, args)
 
 
 def _scalars(log_dir: Path) -> dict[str, list[float]]:

@@ -7,7 +7,6 @@ synthetic dataset that the bundle generates itself (32 x 32 slices, one short ep
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,49 +28,20 @@ from monai_aeflow.bundle import (
 )
 from monai_aeflow.checkpoint import load_model
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bundle_harness import BRAIN_TINY, IMAGES_TINY_DATA, TIMEOUT, bundle_env, run_bundle  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ROOT / "bundles"
 BRAIN = BUNDLES / "aeflow_brain_mri"
 IMAGES = BUNDLES / "aeflow_2d_images"
 SCHEMA = BUNDLES / "schema" / "meta_schema_20240725.json"
-TIMEOUT = 600
 
-BRAIN_TINY = [
-    "--synthetic_cohort#n_healthy", "4",
-    "--synthetic_cohort#n_lesion", "4",
-    "--synthetic_cohort#shape", "[32, 32, 24]",
-    "--synthetic_cohort#spacing", "[6.0, 6.0, 5.0]",
-    "--image_size", "[32, 32]",
-    "--split_fractions", "[0.5, 0.25, 0.25]",
-    "--batch_size", "8",
-    "--max_epochs", "1",
-    "--flow_init", "16",
-]  # fmt: skip
-IMAGES_TINY = [
-    "--synthetic_images#n_healthy", "4",
-    "--synthetic_images#n_lesion", "4",
-    "--synthetic_images#shape", "[32, 32, 24]",
-    "--synthetic_images#spacing", "[6.0, 6.0, 5.0]",
-    "--synthetic_images#min_lesion_pixels", "4",
-    "--image_size", "[32, 32]",
-    "--split_fractions", "[0.5, 0.25, 0.25]",
-    "--batch_size", "8",
-    "--max_epochs", "1",
-    "--flow_init", "16",
-]  # fmt: skip
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return env
+IMAGES_TINY = [*IMAGES_TINY_DATA, "--max_epochs", "1", "--flow_init", "16"]
 
 
 def _bundle(bundle: Path, args: list[str], timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "monai.bundle", *args]
-    res = subprocess.run(cmd, cwd=bundle, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}"
-    return res
+    return run_bundle(bundle, args, timeout)
 
 
 def _configs(*names: str) -> str:
@@ -266,7 +236,7 @@ def test_brain_multi_gpu_config_gives_each_rank_a_disjoint_shard(brain: dict[str
     cmd += ["-m", "monai.bundle", "run", "--config_file"]
     cmd += ["['configs/train.json','configs/multi_gpu_train.json','" + str(record) + "']"]
     cmd += ["--bundle_root", str(root), "--dataset_dir", str(brain["data"]), *BRAIN_TINY]
-    res = subprocess.run(cmd, cwd=BRAIN, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    res = subprocess.run(cmd, cwd=BRAIN, env=bundle_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-6000:]
     seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in (0, 1)]
     assert [s["rank"] for s in seen] == [0, 1] and all(s["world_size"] == 2 for s in seen)

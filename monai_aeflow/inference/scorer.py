@@ -64,7 +64,7 @@ def _to_host(*tensors: torch.Tensor | None) -> list[np.ndarray | None]:
         host.copy_(t, non_blocking=True)
         staged.append(host)
     for device in {t.device for t in tensors if t is not None and t.device.type == "cuda"}:
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()  # this thread's stream: other scoring threads go on
     return [None if t is None else t.numpy() for t in staged]
 
 
@@ -277,7 +277,7 @@ class AnomalyScorer:
         start = time.perf_counter()
         out = run()
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
         timings["model_seconds"] = time.perf_counter() - start
         return out
 

@@ -54,11 +54,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import platform
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -359,11 +361,27 @@ def mean_over_folds(per_fold: Mapping[str, Mapping[str, Mapping[str, float]]]) -
     return mean
 
 
+def submit_evaluation(pool: Executor | None, *args: Any) -> Future:
+    """:func:`evaluate` in a worker process of ``pool`` (the CPU protocol runs beside the device's training), or
+    here and now when ``pool`` is ``None``."""
+    if pool is not None:
+        return pool.submit(evaluate, *args)
+    done: Future = Future()
+    done.set_result(evaluate(*args))
+    return done
+
+
 def run_modality(
-    args: argparse.Namespace, modality: str, say: Any, device: torch.device, deadline: float, publish: Any
+    args: argparse.Namespace,
+    modality: str,
+    say: Any,
+    device: torch.device,
+    deadline: float,
+    publish: Any,
+    pool: Executor | None = None,
 ) -> dict[str, Any]:
     """The rotated folds of one modality for every encoder; ``publish(result)`` after each fold; stops after the
-    fold that passes ``deadline`` (``time.perf_counter()`` seconds)."""
+    fold that passes ``deadline`` (``time.perf_counter()`` seconds); the maps are evaluated in ``pool``."""
     region, mode = SETTINGS[modality]
     vols = load_volumes(Path(args.brats), modality, Path(args.out) / "cache", args.size, args.spacing)
     if len(vols) != 4:
@@ -393,9 +411,9 @@ def run_modality(
         x_train = torch.cat(xs).to(device)
         fold = f"fold{k}"
         say(f"[{modality} {fold}] test {vols[test_i]['name']}, val {vols[val_i]['name']}, {len(x_train)} train slices")
-        rows: dict[str, dict[str, float]] = {}
+        rows: dict[str, Future] = {}
         val, test = vols[val_i], vols[test_i]
-        rows["intensity"] = evaluate(_case(val, val["image"]), _case(test, test["image"]), mode, None)
+        rows["intensity"] = submit_evaluation(pool, _case(val, val["image"]), _case(test, test["image"]), mode, None)
         for enc in encoders:
             net, feats = enc["net"], enc["feats"]
             z_train = torch.cat([feats[i][p.to(device)] for i, p in zip(train_i, picks, strict=True)])
@@ -422,18 +440,20 @@ def run_modality(
                         f"lr={lr:g} aug={'yes' if aug else 'no'} epochs={epoch}"
                     )
                     for name in MAPS[1:]:
-                        rows[f"{recipe} | {name}"] = evaluate(
-                            _case(val, mv[name]), _case(test, mt[name]), mode, img if name == "residual" else None
+                        rows[f"{recipe} | {name}"] = submit_evaluation(
+                            pool, _case(val, mv[name]), _case(test, mt[name]), mode, img if name == "residual" else None
                         )
                     timing[f"{fold} {recipe}"] = t_train
                     t_ev = eval_timing[f"{fold} {recipe}"] = time.perf_counter() - t_eval
-                    say(
-                        f"[{modality} {fold}] {recipe}: trained {t_train:.1f} s, evaluated {t_ev:.1f} s; "
-                        f"residual Dice {rows[f'{recipe} | residual']['dice']:.3f}, "
-                        f"zsum {rows[f'{recipe} | zsum']['dice']:.3f}"
-                    )
+                    say(f"[{modality} {fold}] {recipe}: trained {t_train:.1f} s, scored (and evaluated) {t_ev:.1f} s")
                     t0 += _sync(device) - t_eval  # the evaluation does not count as training time
-        per_fold[fold] = rows
+        t_wait = time.perf_counter()
+        per_fold[fold] = {key: future.result() for key, future in rows.items()}
+        result.setdefault("eval_wait_seconds", {})[fold] = time.perf_counter() - t_wait
+        for key, m in per_fold[fold].items():
+            if key.endswith(" | residual"):
+                zsum = per_fold[fold][key[: -len("residual")] + "zsum"]["dice"]
+                say(f"[{modality} {fold}] {key[: -len(' | residual')]}: residual Dice {m['dice']:.3f}, zsum {zsum:.3f}")
         result.update(per_fold=per_fold, mean=mean_over_folds(per_fold), train_seconds=timing)
         result.update(eval_seconds=eval_timing, folds_done=len(per_fold))
         result.setdefault("fold_seconds", {})[fold] = time.perf_counter() - t_fold
@@ -513,6 +533,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--batch-size", type=int, default=8, help="training batch")
     parser.add_argument("--score-batch-size", type=int, default=32, help="encoder / scoring batch")
+    parser.add_argument(
+        "--eval-workers",
+        type=int,
+        default=None,
+        help="processes evaluating the maps beside training (default: 0 = inline on cpu, cores - 2 up to 14 on cuda)",
+    )
     parser.add_argument("--max-minutes", type=float, default=None, help="stop after the fold that passes M minutes")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="fold 0, lr 1e-3 without augmentation, 3 epochs")
@@ -523,6 +549,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--batch-size and --score-batch-size must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.eval_workers is not None and args.eval_workers < 0:
+        parser.error("--eval-workers must be at least 0")
     args.encoders = args.backbones or [(args.backbone, args.backbone_weights)]
     if args.quick:
         args.folds, args.recipes, args.epochs = "0", "1e-3:noaug", "3"
@@ -584,6 +612,12 @@ def main() -> None:
             tmp.write_text(text)
             os.replace(tmp, out / name)
 
+    workers = args.eval_workers
+    if workers is None:
+        workers = 0 if device.type == "cpu" else max(1, min(14, (os.cpu_count() or 4) - 2))
+    report["protocol"]["eval_workers"] = workers
+    spawn = multiprocessing.get_context("spawn")  # no fork of a process that holds a CUDA context
+    pool = ProcessPoolExecutor(workers, mp_context=spawn) if workers else None
     modalities = args.modalities.split(",")
     for i, modality in enumerate(modalities):
         if time.perf_counter() > deadline:
@@ -595,7 +629,9 @@ def main() -> None:
             report["modalities"][modality] = result
             write()
 
-        run_modality(args, modality, say, device, deadline, publish)
+        run_modality(args, modality, say, device, deadline, publish, pool)
+    if pool is not None:
+        pool.shutdown()
     write()
     print(json.dumps(to_jsonable(report), indent=2))
 

@@ -33,8 +33,10 @@ test case gives Dice, pixel AUROC over brain voxels, slice AUROC (mean map in th
 
 Prints one JSON object (per fold and mean, plus a Markdown table, encoder feature, training and evaluation
 times) and writes it to ``<out>/bench_maps.json`` and ``<out>/bench_maps.md`` after every fold, so that an
-interrupted run leaves its results; ``--max-minutes M`` stops after the fold that passes ``M`` minutes, writes the
-mean over the folds done (the table says how many) and exits 0.
+interrupted run leaves its results; ``--max-minutes M`` shares ``M`` minutes evenly between the modalities still to
+run (time a modality leaves unused goes to the next), stops a modality after the fold that passes its share, writes
+the mean over the folds done (the table says how many) and exits 0. On CUDA the maps' CPU protocol runs in
+``--eval-workers`` processes beside the training.
 
 Run::
 
@@ -42,11 +44,20 @@ Run::
     python benchmarks/bench_maps.py --quick      # one fold, one recipe, 3 epochs (smoke test)
 
 On one GPU, the paper's setting (256 x 256 at the native 1 mm, Wide-ResNet-50-2 with random weights: no internet)
-against the pretrained Lite0 at the same size, FLAIR and T1c, in about 5 minutes of an H100::
+against the pretrained Lite0 at the same size, FLAIR and T1c, the paper's recipe (lr 2e-4, alpha 0.5), in about 3-4
+minutes of an H100 (16 cores)::
 
     python benchmarks/bench_maps.py --device cuda --size 256 --spacing none \\
         --backbones wide_resnet50_2:none,efficientnet_lite0:imagenet --recipes 2e-4:noaug --epochs 5,15 \\
         --max-minutes 4 --out bench_maps_gpu
+
+The estimate, from the pieces measured on a CPU at 256 x 256 / 1 mm: about 92 healthy training slices per fold (12
+steps of 8), a Wide-ResNet-50-2 training step of 76 GFLOP per slice (Lite0: 4.7), so the step is bound by its
+kernel launches (assumed 20-30 ms) rather than by its arithmetic: about 0.35 s per epoch, 15 epochs x 2 encoders x 4
+folds x 2 modalities = 240 epochs, about 90 s; scoring plus the candidate maps about 1.5 s per snapshot (32: 50 s);
+the protocol 2.6 CPU-s per map (232 evaluations over 14 processes: 45 s, beside the training); preprocessing 6-10 s
+per modality, start-up 15-20 s. The three default recipes would take about three times the training and scoring
+(7-8 minutes): more than 5.
 """
 
 from __future__ import annotations
@@ -539,7 +550,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="processes evaluating the maps beside training (default: 0 = inline on cpu, cores - 2 up to 14 on cuda)",
     )
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop after the fold that passes M minutes")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop after the fold that passes M minutes (shared between modalities)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="fold 0, lr 1e-3 without augmentation, 3 epochs")
     args = parser.parse_args(argv)
@@ -620,7 +636,8 @@ def main() -> None:
     pool = ProcessPoolExecutor(workers, mp_context=spawn) if workers else None
     modalities = args.modalities.split(",")
     for i, modality in enumerate(modalities):
-        if time.perf_counter() > deadline:
+        now = time.perf_counter()
+        if now > deadline:
             report["not_run"] = modalities[i:]
             say(f"time limit: {', '.join(modalities[i:])} not run")
             break
@@ -629,7 +646,8 @@ def main() -> None:
             report["modalities"][modality] = result
             write()
 
-        run_modality(args, modality, say, device, deadline, publish, pool)
+        share = now + (deadline - now) / (len(modalities) - i)  # inf without a limit
+        run_modality(args, modality, say, device, share, publish, pool)
     if pool is not None:
         pool.shutdown()
     write()

@@ -68,7 +68,7 @@ want volumes_compile && step volumes_compile 120 python3 benchmarks/bench_volume
 #    (the preprocessed-volume cache stays out of $OUT; the Markdown table is copied there)
 if want maps; then
   step maps "${MAPS_SECONDS:-300}" python3 benchmarks/bench_maps.py --brats "$BRATS" --out /tmp/aeflow_maps --device cuda \
-    ${MAPS_ARGS:---modalities flair,t1c --backbones wide_resnet50_2:none,efficientnet_lite0:imagenet --size 256 --spacing 0 --epochs 5,15 --max-minutes 4}
+    ${MAPS_ARGS:---modalities flair,t1c --backbones wide_resnet50_2:none,efficientnet_lite0:imagenet --size 256 --spacing 0 --recipes 2e-4:noaug --epochs 5,15 --max-minutes 4}
   cp /tmp/aeflow_maps/bench_maps.md "$OUT/maps.md" 2>/dev/null
 fi
 # 5. two GPUs or more: the same through torchrun, against one process (volumes/s from the wall time)

@@ -291,9 +291,14 @@ def candidate_maps(raw: Mapping[str, np.ndarray], vol: Mapping[str, Any], mode: 
     }
 
 
-def evaluate(val_maps: list[dict], test_maps: list[dict], mode: str, image_scores: dict | None) -> dict[str, float]:
-    """Threshold maximising validation Dice; test Dice, pixel / slice AUROC, oracle Dice (project protocol)."""
-    pp = PostprocessConfig(residual=mode, erosion_iterations=3, median_size=5, median_dims=2, min_component_size=7)
+def evaluate(
+    val_maps: list[dict], test_maps: list[dict], mode: str, image_scores: dict | None, normalize: str = "none"
+) -> dict[str, float]:
+    """Threshold maximising validation Dice; test Dice, pixel / slice AUROC, oracle Dice (project protocol; raw
+    maps, or standardised per scan with ``normalize="robust"``)."""
+    pp = PostprocessConfig(
+        residual=mode, normalize=normalize, erosion_iterations=3, median_size=5, median_dims=2, min_component_size=7
+    )
     base = {"postprocess": pp, "n_bootstrap": 0, "slice_min_brain_fraction": 0.2, "check_affine": False}
     cfg = EvaluationConfig(threshold_method="fixed", threshold=0.0, reorient=False, **base)
     val = prepare_cases(val_maps, cfg, "val")
@@ -424,7 +429,9 @@ def run_modality(
         say(f"[{modality} {fold}] test {vols[test_i]['name']}, val {vols[val_i]['name']}, {len(x_train)} train slices")
         rows: dict[str, Future] = {}
         val, test = vols[val_i], vols[test_i]
-        rows["intensity"] = submit_evaluation(pool, _case(val, val["image"]), _case(test, test["image"]), mode, None)
+        rows["intensity"] = submit_evaluation(
+            pool, _case(val, val["image"]), _case(test, test["image"]), mode, None, args.normalize
+        )
         for enc in encoders:
             net, feats = enc["net"], enc["feats"]
             z_train = torch.cat([feats[i][p.to(device)] for i, p in zip(train_i, picks, strict=True)])
@@ -452,7 +459,12 @@ def run_modality(
                     )
                     for name in MAPS[1:]:
                         rows[f"{recipe} | {name}"] = submit_evaluation(
-                            pool, _case(val, mv[name]), _case(test, mt[name]), mode, img if name == "residual" else None
+                            pool,
+                            _case(val, mv[name]),
+                            _case(test, mt[name]),
+                            mode,
+                            img if name == "residual" else None,
+                            args.normalize,
                         )
                     timing[f"{fold} {recipe}"] = t_train
                     t_ev = eval_timing[f"{fold} {recipe}"] = time.perf_counter() - t_eval
@@ -486,7 +498,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines += [
             f"Encoder(s): {proto.get('encoder')}; {' x '.join(str(s) for s in proto.get('size', []))} at "
             + ("the native spacing" if spacing in (None, "native") else f"{spacing:g} mm")
-            + f"; device {proto.get('device', 'cpu')}.",
+            + f"; device {proto.get('device', 'cpu')}; maps normalised per scan: {proto.get('normalize', 'none')}.",
             "",
         ]
     for modality, res in report["modalities"].items():
@@ -531,6 +543,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recipes", default="2e-4:noaug,1e-3:noaug,1e-3:aug", help="lr:aug|noaug, comma-separated")
     parser.add_argument("--epochs", default="5,15", help="epoch snapshots evaluated (the last is trained)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--normalize",
+        default="none",
+        choices=["none", "robust"],
+        help="per-scan standardisation of every map before thresholding (robust), or raw maps (none, the default)",
+    )
     parser.add_argument(
         "--alpha", type=float, default=0.5, help="flow weight of the loss (0.5: the paper's; the balanced recipe: 0.02)"
     )
@@ -607,6 +625,7 @@ def main() -> None:
             "device": str(device),
             "weight_decay": 1e-5,
             "alpha": args.alpha,
+            "normalize": args.normalize,
             "folds": args.folds,
             "seed": args.seed,
             "max_minutes": args.max_minutes,

@@ -12,6 +12,7 @@ from monai_aeflow.evaluation.postprocess import (
     apply_residual_mode,
     erode_mask_per_slice,
     median_filter,
+    normalize_map,
     postprocess_map,
     remove_small_components,
     segment,
@@ -97,22 +98,70 @@ def test_residual_modes():
         apply_residual_mode(r, "squared")
 
 
-def test_postprocess_map_and_segment_chain():
+@pytest.mark.parametrize("normalize", ["none", "robust"])
+def test_postprocess_map_and_segment_chain(normalize):
     rng = np.random.default_rng(2)
-    residual = rng.normal(size=(30, 30, 6)).astype(np.float32)
+    residual = (rng.normal(size=(30, 30, 6)) * 0.3 + 0.1).astype(np.float32)
     mask = np.zeros(residual.shape, bool)
     mask[5:25, 5:25, 1:5] = True
     cfg = PostprocessConfig(
-        residual="positive", erosion_iterations=2, median_size=5, median_dims=2, min_component_size=5
+        residual="positive",
+        normalize=normalize,
+        erosion_iterations=2,
+        median_size=5,
+        median_dims=2,
+        min_component_size=5,
     )
+    standard = residual
+    if normalize == "robust":  # numpy's own median and interquartile range of the brain voxels
+        q25, q50, q75 = np.percentile(residual[mask].astype(np.float64), [25, 50, 75])
+        standard = ((residual - q50) / (q75 - q25)).astype(np.float32)
     eroded = np.stack([ndimage.binary_erosion(mask[..., z], iterations=2) for z in range(6)], -1)
-    expected = ndimage.median_filter(np.maximum(residual, 0) * eroded, size=(5, 5, 1))
+    expected = ndimage.median_filter(np.maximum(standard, 0) * eroded, size=(5, 5, 1))
     score = postprocess_map(residual, mask, cfg)
-    np.testing.assert_array_equal(score, expected)
+    np.testing.assert_allclose(score, expected, rtol=1e-5, atol=1e-6)
     seg = segment(score, 0.3, cfg)
     structure = np.zeros((3, 3, 3), bool)
     structure[:, :, 1] = ndimage.generate_binary_structure(2, 1)
     np.testing.assert_array_equal(seg, _remove_by_loop(expected > 0.3, 5, structure))
+
+
+def test_robust_normalisation_makes_one_threshold_carry_over_between_scans():
+    """Two scans whose raw maps differ in level and spread (another scanner's contrast): with ``robust`` the
+    post-processed maps and lesion masks are the same; with ``none`` one threshold segments them differently."""
+    rng = np.random.default_rng(5)
+    amap = np.abs(rng.normal(size=(24, 24, 5))).astype(np.float32)
+    amap[8:14, 8:14, 2] += 4.0  # a lesion
+    mask = np.zeros(amap.shape, bool)
+    mask[2:22, 2:22, :] = True
+    other = (amap * 3.0 + 0.5).astype(np.float32)
+    robust = PostprocessConfig(
+        residual="positive", normalize="robust", erosion_iterations=0, median_size=3, min_component_size=3
+    )
+    a, b = postprocess_map(amap, mask, robust), postprocess_map(other, mask, robust)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(segment(a, 2.0, robust), segment(b, 2.0, robust))
+    assert segment(a, 2.0, robust)[8:14, 8:14, 2].mean() > 0.85 and segment(a, 2.0, robust).sum() < 60
+    raw = PostprocessConfig(
+        residual="positive", normalize="none", erosion_iterations=0, median_size=3, min_component_size=3
+    )
+    ra, rb = postprocess_map(amap, mask, raw), postprocess_map(other, mask, raw)
+    assert segment(ra, 2.0, raw).sum() < segment(rb, 2.0, raw).sum() / 2
+
+
+def test_normalize_map_degenerate_spread_and_masks():
+    flat = np.full((6, 6), 2.0, np.float32)
+    assert np.all(normalize_map(flat, None) == 0.0)  # constant: scale 1, no division by zero
+    spiky = np.zeros((10, 10), np.float32)
+    spiky[0, 0] = 5.0  # IQR 0: the standard deviation is the scale
+    np.testing.assert_allclose(normalize_map(spiky, None), spiky / spiky.std(), rtol=1e-6)
+    empty = np.zeros((10, 10), bool)  # an empty mask uses the whole map
+    np.testing.assert_allclose(normalize_map(spiky, empty), normalize_map(spiky, None))
+    np.testing.assert_array_equal(normalize_map(spiky, None, "none"), spiky)
+    with pytest.raises(AEFlowInputError, match="normalize"):
+        normalize_map(spiky, None, "zscore")
+    with pytest.raises(AEFlowInputError, match="normalize"):
+        PostprocessConfig(normalize="zscore")
 
 
 @pytest.mark.parametrize(

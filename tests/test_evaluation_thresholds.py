@@ -21,7 +21,7 @@ from monai_aeflow.evaluation.thresholds import (
     threshold_at_fpr,
 )
 
-RAW = PostprocessConfig(erosion_iterations=0, median_size=1, min_component_size=0)
+RAW = PostprocessConfig(normalize="none", erosion_iterations=0, median_size=1, min_component_size=0)
 
 
 def _case(seed: int, shape=(32, 32, 8), lesion: bool = True, scale: float = 1.0) -> dict:
@@ -166,7 +166,10 @@ def test_empty_validation_labels_raise():
 
 
 def test_thresholds_never_come_from_the_test_split(monkeypatch):
-    cfg = EvaluationConfig(n_bootstrap=0, n_thresholds=256, threshold_method="greedy")
+    # raw maps (no per-scan normalisation), so that scaling the validation maps scales the threshold
+    cfg = EvaluationConfig(
+        postprocess=PostprocessConfig(normalize="none"), n_bootstrap=0, n_thresholds=256, threshold_method="greedy"
+    )
     val = [_case(i) for i in range(3)]
     test = [_case(100 + i, lesion=i != 1) for i in range(3)]
     seen: list[list[str]] = []

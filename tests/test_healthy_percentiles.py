@@ -29,7 +29,9 @@ def test_percentiles_are_those_of_healthy_brain_voxels_of_the_validation_split(w
     test = [_case(rng, "t0", True)]
     # no median filter, no erosion, positive residual = identity on a non-negative map: the post-processed map is
     # the map itself inside the brain, so the percentiles can be computed independently with numpy
-    pp = PostprocessConfig(residual="positive", erosion_iterations=0, median_size=1, min_component_size=0)
+    pp = PostprocessConfig(
+        residual="positive", normalize="none", erosion_iterations=0, median_size=1, min_component_size=0
+    )
     result = evaluate_maps(val, test, EvaluationConfig(postprocess=pp, n_bootstrap=0))
     stored = result["protocol"]["threshold"]["healthy_percentiles"]
     if with_healthy_volume:

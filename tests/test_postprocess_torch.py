@@ -22,6 +22,7 @@ from monai_aeflow.evaluation.postprocess import (
 from monai_aeflow.inference.postprocess_torch import (
     erode_mask_per_slice_torch,
     median_filter_torch,
+    normalize_map_torch,
     postprocess_map_torch,
     remove_small_components_torch,
     segment_torch,
@@ -105,8 +106,9 @@ def test_component_removal_long_snake():
         PostprocessConfig(),
         PostprocessConfig(residual="positive", median_size=3, median_dims=3, component_connectivity=2),
         PostprocessConfig(erosion_iterations=0, median_size=1, min_component_size=0),
+        PostprocessConfig(normalize="robust"),
     ],
-    ids=["default", "3d", "none"],
+    ids=["default", "3d", "none", "robust"],
 )
 def test_postprocess_chain_equals_cpu_path_on_random_volume(config):
     rng = np.random.default_rng(5)
@@ -118,6 +120,26 @@ def test_postprocess_chain_equals_cpu_path_on_random_volume(config):
     np.testing.assert_array_equal(got.numpy(), ref)
     threshold = float(np.quantile(ref[ref > 0], 0.8))
     np.testing.assert_array_equal(segment_torch(got, threshold, config).numpy(), segment(ref, threshold, config))
+
+
+@pytest.mark.parametrize("shape", [(17, 13, 5), (16, 12, 4), (30, 31)])
+def test_robust_normalisation_equals_numpy_percentiles(shape):
+    """(m - median) / IQR over the brain voxels, against numpy's percentiles (odd and even voxel counts, 2D)."""
+    rng = np.random.default_rng(len(shape) * 10 + shape[0])
+    amap = (rng.gamma(2.0, 0.05, size=shape) + 0.01).astype(np.float32)
+    brain = rng.random(shape) > 0.3
+    q25, q50, q75 = np.percentile(amap[brain].astype(np.float64), [25, 50, 75])
+    expected = (amap - q50) / (q75 - q25)
+    got = normalize_map_torch(torch.from_numpy(amap), torch.from_numpy(brain)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    q25, q50, q75 = np.percentile(amap.astype(np.float64), [25, 50, 75])  # no mask: the whole map
+    np.testing.assert_allclose(normalize_map_torch(torch.from_numpy(amap), None).numpy(), (amap - q50) / (q75 - q25),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    spiky = np.zeros(shape, np.float32)
+    spiky.flat[3] = 4.0  # interquartile range 0: the standard deviation scales
+    np.testing.assert_allclose(normalize_map_torch(torch.from_numpy(spiky), None).numpy(), spiky / spiky.std(),
+                               rtol=1e-5)  # fmt: skip
+    assert torch.equal(normalize_map_torch(torch.ones(shape), None), torch.zeros(shape))
 
 
 def test_postprocess_chain_equals_cpu_path_on_real_scan():

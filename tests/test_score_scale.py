@@ -204,3 +204,27 @@ def test_compiled_network_scores_like_eager(cohort_and_model, monkeypatch, tmp_p
     result = CliRunner().invoke(cli, [*args, "--quiet", "--device", "cpu", "--no-preview"])
     assert result.exit_code == 0, result.output
     assert len(calls) == 2
+
+
+def test_stored_protocol_without_normalisation_keeps_the_raw_map_and_robust_follows_numpy(cohort_and_model, tmp_path):
+    """A threshold stored before the per-scan normalisation existed was chosen on raw maps: the scorer keeps
+    them raw. A protocol with ``normalize: robust`` gives the lesion mask of the numpy chain on the written map."""
+    import shutil
+
+    from monai_aeflow.evaluation.checkpoint import save_threshold
+    from monai_aeflow.evaluation.postprocess import PostprocessConfig, postprocess_map, segment
+
+    assert AnomalyScorer(cohort_and_model["model"], device="cpu").postprocess_config.normalize == "none"
+    model = shutil.copy(cohort_and_model["model"], tmp_path / "robust.pt")
+    pp = {"residual": "absolute", "normalize": "robust", "median_size": 3, "median_dims": 2, "min_component_size": 3}
+    save_threshold(model, 2.5, {"method": "sweep", "postprocessing": pp})
+    scorer = AnomalyScorer(model, device="cpu")
+    assert scorer.postprocess_config.normalize == "robust" and scorer.threshold == 2.5
+    first = scorer.score(cohort_and_model["images"][-1])
+    cfg = PostprocessConfig(**pp)
+    processed = postprocess_map(first.anomaly_map, first.brain_mask > 0, cfg)
+    t = float(np.percentile(processed[first.brain_mask > 0], 97))  # a threshold that leaves a few components
+    result = AnomalyScorer(model, device="cpu", threshold=t).score(cohort_and_model["images"][-1])
+    expected = segment(processed, t, cfg)
+    np.testing.assert_array_equal(result.lesion_mask > 0, expected)
+    assert 0 < expected.sum() < (result.brain_mask > 0).sum() / 4

@@ -126,7 +126,9 @@ def test_sweep_is_the_default_and_beats_or_equals_greedy_on_validation():
 def test_postprocessing_protocol_is_unchanged_by_the_sweep():
     """Median filter and per-slice erosion stay those of scipy: the prepared scores equal an independent pass."""
     v = _volume(7)
-    pp = PostprocessConfig(residual="absolute", erosion_iterations=2, median_size=5, min_component_size=7)
+    pp = PostprocessConfig(
+        residual="absolute", normalize="none", erosion_iterations=2, median_size=5, min_component_size=7
+    )
     eroded = ndimage.binary_erosion(
         v["mask"],
         structure=np.pad(ndimage.generate_binary_structure(2, 1)[..., None], ((0, 0), (0, 0), (1, 1))),

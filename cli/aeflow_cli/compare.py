@@ -45,6 +45,7 @@ def _run(opts: dict[str, Any]) -> dict[str, Any]:
         loss_options=parse_assignments(opts["loss_arg"], nested=True),
         map_kind=opts["map_kind"],
         postprocess=PostprocessConfig(
+            normalize=opts["normalize"],
             residual=opts["residual"],
             erosion_iterations=opts["erosion"],
             median_size=opts["median_size"],
@@ -107,6 +108,14 @@ Examples:
     show_default=True,
     type=click.Choice(["residual", "ssim"]),
     help="Pixel map of reconstruction models (flow-only and intensity have one map).",
+)
+@click.option(
+    "--normalize",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "robust"]),
+    help="Use the raw map (none) or standardise each scan's map within its brain, (m - median) / IQR, before "
+    "thresholding (robust: one threshold then means the same on scans of another scale).",
 )
 @click.option(
     "--residual",

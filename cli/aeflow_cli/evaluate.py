@@ -153,6 +153,7 @@ def _run(opts: dict[str, Any]) -> None:
     if opts["checkpoint"] is not None and method == "fixed":
         raise AEFlowInputError("--checkpoint stores a threshold chosen on validation; not with a fixed --threshold")
     pp = PostprocessConfig(
+        normalize=opts["normalize"],
         residual=opts["residual"],
         erosion_iterations=opts["erosion"],
         median_size=opts["median_size"],
@@ -270,6 +271,14 @@ Example:
 )
 @click.option("-o", "--output", type=_DIR, default=Path("evaluation"), show_default=True, help="Report folder.")
 @click.option("--overwrite", is_flag=True, help="Replace a report already in the output folder.")
+@click.option(
+    "--normalize",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "robust"]),
+    help="Use the raw map (none) or standardise each scan's map within its brain, (m - median) / IQR, before "
+    "thresholding (robust: one threshold then means the same on scans of another scale).",
+)
 @click.option(
     "--residual",
     type=click.Choice(["positive", "absolute"]),

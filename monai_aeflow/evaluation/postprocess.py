@@ -1,9 +1,11 @@
 """Post-processing of residual (anomaly-map) volumes before they are binarised.
 
-The brain MRI protocol of the project: keep the positive or absolute residual, multiply it by the brain
-mask eroded slice by slice, median filter it (2D ``k x k`` per axial slice or 3D ``k x k x k``), binarise
-it with a threshold and remove the connected components of ``n`` voxels or fewer. Volumes are
-``(X, Y, Z)`` arrays whose last axis is axial; 2D images ``(X, Y)`` are treated as one slice.
+The brain MRI protocol of the project: optionally standardise the map within the brain of each scan (a robust
+z-score, so that one threshold means the same on scans of other contrast and noise levels), keep the positive or
+absolute part,
+multiply it by the brain mask eroded slice by slice, median filter it (2D ``k x k`` per axial slice or 3D
+``k x k x k``), binarise it with a threshold and remove the connected components of ``n`` voxels or fewer.
+Volumes are ``(X, Y, Z)`` arrays whose last axis is axial; 2D images ``(X, Y)`` are treated as one slice.
 
 Example::
 
@@ -24,7 +26,10 @@ from monai_aeflow.errors import AEFlowInputError
 
 __all__ = [
     "RESIDUAL_MODES",
+    "NORMALIZATIONS",
     "PostprocessConfig",
+    "robust_scale",
+    "normalize_map",
     "apply_residual_mode",
     "erode_mask_per_slice",
     "median_filter",
@@ -38,14 +43,26 @@ __all__ = [
 RESIDUAL_MODES: tuple[str, ...] = ("positive", "absolute")
 """``positive``: ``max(r, 0)`` (hyper-intense lesions); ``absolute``: ``|r|`` (hypo- and hyper-intense)."""
 
+NORMALIZATIONS: tuple[str, ...] = ("none", "robust")
+"""``none``: the raw map (the default; also for protocols stored before the option existed); ``robust``:
+``(m - median) / IQR`` of the map over the brain of the same scan."""
+
 
 @dataclass(frozen=True)
 class PostprocessConfig:
     """Parameters of the post-processing of residual volumes.
 
     Args:
+        normalize: ``"none"`` (default) keeps the raw map; ``"robust"`` first standardises the map of each scan
+            (volume or 2D image) with the median and interquartile range of its brain voxels,
+            ``(m - median) / IQR``, so that the validation threshold transfers to scans whose maps are on another
+            scale (other scanner, contrast or noise). On the BraTS dev protocol it lifted the intensity baseline
+            and AE-FLOW on FLAIR at 2 mm but not in every setting (README): an option, not the default. See
+            :func:`normalize_map`.
         residual: ``"positive"`` keeps ``max(r, 0)``, ``"absolute"`` keeps ``|r|`` of the signed residual
-            ``r = x - x'`` (a map that is already non-negative is unchanged by either).
+            ``r = x - x'`` (a map that is already non-negative is unchanged by either). After ``robust``
+            normalisation, ``positive`` keeps what lies above the scan's median and ``absolute`` the deviation
+            from it either way (bright and dark lesions of a non-negative map).
         erosion_iterations: iterations of a 3x3 cross erosion of the brain mask, per axial slice
             (0: the mask is used as it is).
         median_size: side ``k`` of the median filter (1 or 0: no filtering).
@@ -58,6 +75,7 @@ class PostprocessConfig:
     """
 
     residual: str = "absolute"
+    normalize: str = "none"
     erosion_iterations: int = 3
     median_size: int = 5
     median_dims: int = 2
@@ -68,6 +86,8 @@ class PostprocessConfig:
     def __post_init__(self) -> None:
         if self.residual not in RESIDUAL_MODES:
             raise AEFlowInputError(f"residual must be one of {RESIDUAL_MODES}, got {self.residual!r}")
+        if self.normalize not in NORMALIZATIONS:
+            raise AEFlowInputError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
         if self.median_dims not in (2, 3):
             raise AEFlowInputError(f"median_dims must be 2 or 3, got {self.median_dims}")
         if self.component_dims not in (None, 2, 3):
@@ -98,6 +118,59 @@ def _as_volume(array: np.ndarray) -> np.ndarray:
     if array.ndim != 3:
         raise AEFlowInputError(f"expected a 2D image or a 3D volume, got an array of shape {array.shape}")
     return array
+
+
+def robust_scale(values: np.ndarray) -> tuple[float, float]:
+    """The centre and scale of :func:`normalize_map`: the median and the interquartile range of ``values``.
+
+    A degenerate spread falls back to the standard deviation, then to 1 (a constant map stays finite).
+
+    Args:
+        values: the map's values over the brain (any shape; flattened).
+
+    Returns:
+        ``(median, scale)``, with ``scale > 0``.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0:
+        return 0.0, 1.0
+    q25, med, q75 = np.percentile(v, [25.0, 50.0, 75.0])
+    scale = float(q75 - q25)
+    if not scale > 1e-12:
+        scale = float(v.std())
+    return float(med), scale if scale > 1e-12 else 1.0
+
+
+def normalize_map(amap: np.ndarray, brain_mask: np.ndarray | None, mode: str = "robust") -> np.ndarray:
+    """Standardise an anomaly map within the brain of its own scan: ``(m - median) / IQR``.
+
+    The statistics are those of the brain voxels (the whole map without a mask, or when the mask is empty):
+    per volume for a 3D map, per image for a 2D one. Lesions are a minority of the brain, so the median and the
+    interquartile range describe the scan's healthy tissue, and a threshold in these units carries over between
+    scans whose raw maps differ in level and spread.
+
+    Args:
+        amap: the map, ``(X, Y, Z)`` or ``(X, Y)``.
+        brain_mask: boolean mask of the same shape, or ``None``.
+        mode: ``"robust"`` or ``"none"`` (the map unchanged, as float32).
+
+    Returns:
+        The float32 map, same shape.
+    """
+    m = np.asarray(amap, dtype=np.float32)
+    if mode == "none":
+        return m
+    if mode != "robust":
+        raise AEFlowInputError(f"normalize must be one of {NORMALIZATIONS}, got {mode!r}")
+    values = m
+    if brain_mask is not None:
+        mask = np.asarray(brain_mask, dtype=bool)
+        if mask.shape != m.shape:
+            raise AEFlowInputError(f"brain mask shape {mask.shape} differs from the map shape {m.shape}")
+        if mask.any():
+            values = m[mask]
+    centre, scale = robust_scale(values)
+    return ((m - np.float32(centre)) / np.float32(scale)).astype(np.float32)
 
 
 def apply_residual_mode(residual: np.ndarray, mode: str = "absolute") -> np.ndarray:
@@ -290,7 +363,7 @@ def component_opening(score: np.ndarray, max_size: int = 7, dims: int = 2, conne
 
 
 def postprocess_map(residual: np.ndarray, brain_mask: np.ndarray | None, config: PostprocessConfig) -> np.ndarray:
-    """The continuous anomaly map: residual mode, eroded brain mask, median filter.
+    """The continuous anomaly map: normalisation within the brain, residual mode, eroded brain mask, median filter.
 
     Args:
         residual: signed or non-negative residual, ``(X, Y, Z)`` or ``(X, Y)``.
@@ -300,7 +373,7 @@ def postprocess_map(residual: np.ndarray, brain_mask: np.ndarray | None, config:
     Returns:
         A non-negative float32 map of the same shape.
     """
-    r = apply_residual_mode(residual, config.residual)
+    r = apply_residual_mode(normalize_map(residual, brain_mask, config.normalize), config.residual)
     if brain_mask is not None:
         mask = np.asarray(brain_mask, dtype=bool)
         if mask.shape != r.shape:

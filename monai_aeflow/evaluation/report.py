@@ -93,6 +93,7 @@ _CSV_COLUMNS = (
     "split",
     "threshold_source",
     "threshold",
+    "normalize",
     "residual",
     "erosion_iterations",
     "median_size",
@@ -126,7 +127,7 @@ def metrics_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     protocol = result["protocol"]
     pp = protocol["postprocessing"]
     info = protocol["threshold"]
-    common = {k: pp.get(k) for k in ("residual", "erosion_iterations", "median_size", "median_dims")}
+    common = {k: pp.get(k) for k in ("normalize", "residual", "erosion_iterations", "median_size", "median_dims")}
     common.update(
         min_component_size=pp.get("min_component_size"),
         component_dims=pp.get("component_dims"),

@@ -1,10 +1,11 @@
 """The volume post-processing in torch, on any device: the GPU twin of :mod:`monai_aeflow.evaluation.postprocess`.
 
-Brain-mask erosion per axial slice, median filter (2D ``k x k`` per slice or 3D ``k^3``), binarisation and
-removal of connected components of ``n`` voxels or fewer, computed where the tensor lives (the scorer's GPU),
-so that a volume need not travel to the CPU between the network and the lesion mask. Each function equals
-its scipy counterpart (``scipy.ndimage.binary_erosion``, ``median_filter`` with ``mode="reflect"``,
-``label``-based component removal): the tests compare them voxel for voxel.
+Robust normalisation of the map within the brain, brain-mask erosion per axial slice, median filter (2D
+``k x k`` per slice or 3D ``k^3``), binarisation and removal of connected components of ``n`` voxels or fewer,
+computed where the tensor lives (the scorer's GPU), so that a volume need not travel to the CPU between the
+network and the lesion mask. Each function equals
+its numpy / scipy counterpart (``numpy.percentile``, ``scipy.ndimage.binary_erosion``, ``median_filter`` with
+``mode="reflect"``, ``label``-based component removal): the tests compare them voxel for voxel.
 
 Connected components use label propagation on the graph of foreground voxels and their neighbours (the
 structuring element's offsets): hooking to the largest neighbouring label and pointer jumping, until nothing
@@ -23,9 +24,10 @@ import torch
 from scipy import ndimage
 
 from monai_aeflow.errors import AEFlowInputError
-from monai_aeflow.evaluation.postprocess import RESIDUAL_MODES, PostprocessConfig
+from monai_aeflow.evaluation.postprocess import NORMALIZATIONS, RESIDUAL_MODES, PostprocessConfig
 
 __all__ = [
+    "normalize_map_torch",
     "lesion_mask_torch",
     "erode_mask_per_slice_torch",
     "median_filter_torch",
@@ -221,10 +223,58 @@ def remove_small_components_torch(
     return out.reshape(b.shape)
 
 
+def _percentiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
+    """``numpy.percentile`` (linear interpolation) of a 1D tensor, by one sort (no size limit, unlike
+    ``torch.quantile``); the results stay on the device as 0-d float64 tensors."""
+    v = values.double().sort().values
+    n = v.numel()
+    out = []
+    for q in qs:
+        pos = q / 100.0 * (n - 1)
+        lo = int(np.floor(pos))
+        hi = min(lo + 1, n - 1)
+        out.append(v[lo] + (v[hi] - v[lo]) * (pos - lo))
+    return out
+
+
+def normalize_map_torch(amap: torch.Tensor, brain_mask: torch.Tensor | None, mode: str = "robust") -> torch.Tensor:
+    """:func:`monai_aeflow.evaluation.postprocess.normalize_map` on the tensor's device: ``(m - median) / IQR``
+    over the brain voxels (the standard deviation, then 1, when the spread is degenerate), without a host wait.
+
+    Args:
+        amap: the map, ``(X, Y, Z)`` or ``(X, Y)``.
+        brain_mask: mask of the same shape, or ``None`` (the whole map; also when the mask is empty).
+        mode: ``"robust"`` or ``"none"``.
+
+    Returns:
+        The float32 map, same shape and device.
+    """
+    m = amap.float()
+    if mode == "none":
+        return m
+    if mode not in NORMALIZATIONS:
+        raise AEFlowInputError(f"normalize must be one of {NORMALIZATIONS}, got {mode!r}")
+    values = m.flatten()
+    if brain_mask is not None:
+        if tuple(brain_mask.shape) != tuple(m.shape):
+            raise AEFlowInputError(
+                f"brain mask shape {tuple(brain_mask.shape)} differs from the map shape {tuple(m.shape)}"
+            )
+        inside = m[brain_mask.to(m.device).bool()]
+        values = inside if inside.numel() else values
+    if values.numel() == 0:
+        return m
+    q25, med, q75 = _percentiles(values, (25.0, 50.0, 75.0))
+    scale = q75 - q25
+    std = values.double().std(unbiased=False) if values.numel() > 1 else torch.zeros_like(scale)
+    scale = torch.where(scale > 1e-12, scale, torch.where(std > 1e-12, std, torch.ones_like(scale)))
+    return (m - med.float()) / scale.float()
+
+
 def postprocess_map_torch(
     residual: torch.Tensor, brain_mask: torch.Tensor | None, config: PostprocessConfig
 ) -> torch.Tensor:
-    """The continuous anomaly map: residual mode, eroded brain mask, median filter (see
+    """The continuous anomaly map: normalisation, residual mode, eroded brain mask, median filter (see
     :func:`monai_aeflow.evaluation.postprocess.postprocess_map`), on the tensor's device.
 
     Args:
@@ -235,7 +285,7 @@ def postprocess_map_torch(
     Returns:
         A non-negative float32 map of the same shape.
     """
-    r = residual.float()
+    r = normalize_map_torch(residual, brain_mask, config.normalize)
     if config.residual == "positive":
         r = r.clamp_min(0.0)
     elif config.residual == "absolute":

@@ -150,6 +150,8 @@ class AnomalyScorer:
         self.threshold_source = "given" if threshold is not None else ("model" if stored is not None else None)
         protocol = dict(self.checkpoint.get("threshold_protocol") or {})
         pp = {k: v for k, v in dict(protocol.get("postprocessing") or {}).items() if k in _PP_FIELDS}
+        if protocol.get("postprocessing") and "normalize" not in pp:
+            pp["normalize"] = "none"  # a threshold stored before the normalisation existed is on the raw map
         pp.update(postprocessing or {})
         self.postprocess_config = PostprocessConfig(**pp)
         self._pipelines = {kind: preprocessing_from_config(self.preprocessing_config, kind) for kind in _KINDS}

@@ -8,7 +8,8 @@ workers, so it overlaps the rest), wall time over network time (the target on CP
 memory, and optionally a ``torch.profiler`` summary of one volume.
 
 Several scoring / writer thread counts can be run one after the other on the same inputs and model
-(``--score-threads 1,2 --write-threads 4,8``: every combination, one entry of ``runs`` each). ``--sources`` takes
+(``--score-threads 1,2 --write-threads 4,8``: every combination, one entry of ``runs`` each); the output files of
+every run must be the same bytes (``outputs_identical_across_runs``). ``--sources`` takes
 real ``.nii.gz`` volumes (a glob) to copy instead of generated ones, e.g. the BraTS cases beside the repository.
 
 Usage::
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import itertools
 import json
 import os
@@ -144,6 +146,11 @@ def timed_run(scorer: AnomalyScorer, inputs: list[Path], out: Path, args: argpar
         run["scored_slices_per_volume"] = first["scored_slices"]
     if device.type == "cuda":
         run["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    digest = hashlib.sha256()  # of every output file: runs with other thread counts must write the same bytes
+    hashed = [f for f in sorted(out.rglob("*")) if f.is_file() and not f.name.endswith("_scores.json")]  # timings
+    for f in hashed:
+        digest.update(f.name.encode() + f.read_bytes())
+    run["outputs_sha256"], run["outputs_hashed"] = digest.hexdigest(), len(hashed)
     shutil.rmtree(out, ignore_errors=True)
     return run
 
@@ -212,6 +219,7 @@ def main() -> None:
             "warmup_seconds": warmup_s,
             "runs": runs,
         }
+        report["outputs_identical_across_runs"] = len({r["outputs_sha256"] for r in runs}) == 1
         best = max(runs, key=lambda r: r["volumes_per_second"])
         report["best"] = {k: best[k] for k in ("score_threads", "write_threads", "volumes_per_second")}
         if args.profile:

@@ -31,7 +31,7 @@ Run::
     python benchmarks/bench_baselines.py --quick                      # smoke test (a few minutes)
     python benchmarks/bench_baselines.py --settings synthetic --models intensity,vae,aeflow
 
-    # the rotated dev-protocol table of every model (FLAIR whole tumour, T1c tumour core)
+    # the rotated dev-protocol table of every model (FLAIR whole tumour, T1c tumour core); 32 minutes on 2 shared cores
     python benchmarks/bench_baselines.py --settings brats_flair,brats_t1c --folds 0,1,2,3 \
         --models intensity,ae,dae,patchcore,flowonly,aeflow --encoders efficientnet_lite0:auto,resnet18:none \
         --brats-epochs 5 --batch-size 8 --lr 2e-4 --max-minutes 55 --threads 2 --out bench_baselines_rotated

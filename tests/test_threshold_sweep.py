@@ -182,3 +182,20 @@ def test_component_opening_on_thin_volumes(shape):
                 kept.append(keep[lab])
             expected = np.stack(kept, axis=2) if dims == 2 else kept[0]
             assert np.array_equal(opened > t, expected), (dims, t)
+
+
+def test_oracle_is_the_best_test_dice_after_component_removal_and_bounds_every_validated_threshold():
+    """The oracle is scored after component removal like the validated thresholds, so it is their upper bound:
+    its pooled Dice equals the brute-force best over every distinct map value (scipy labelling)."""
+    val = [_volume(s) for s in (11, 12)]
+    test = [_volume(s) for s in (13, 14)]
+    pp = PostprocessConfig(erosion_iterations=1, median_size=3, min_component_size=6)
+    as_case = [{"map": v["residual"], "label": v["label"], "mask": v["mask"], "name": f"c{i}"} for i, v in
+               enumerate(val + test)]  # fmt: skip
+    cfg = EvaluationConfig(postprocess=pp, n_bootstrap=0, report_methods=("sweep", "greedy"))
+    result = evaluate_maps(as_case[:2], as_case[2:], cfg)
+    best, _ = _brute_force(test, pp)
+    oracle = result["metrics"]["oracle"]["dice_pooled"]["value"]
+    assert oracle == pytest.approx(best, abs=1e-12)
+    for method in ("sweep", "greedy"):
+        assert result["metrics"]["thresholds"][method]["dice_pooled"]["value"] <= oracle + 1e-12

@@ -93,6 +93,7 @@ def test_evaluate_end_to_end(splits, tmp_path):
     assert protocol["threshold"]["validation_cases"] == ["sub01", "sub02", "sub03"]
     assert protocol["splits"]["test"]["cases"] == ["sub11", "sub12", "sub13", "sub14"]
     assert protocol["postprocessing"]["median_size"] == 5 and protocol["postprocessing"]["min_component_size"] == 7
+    assert protocol["postprocessing"]["normalize"] == "none"  # the default: raw maps
     pixel = saved["metrics"]["pixel"]
     assert 0.5 < pixel["dice_pooled"]["value"] <= 1.0
     assert pixel["dice_pooled"]["ci_low"] <= pixel["dice_pooled"]["value"] <= pixel["dice_pooled"]["ci_high"]
@@ -144,6 +145,8 @@ def test_evaluate_options_and_fixed_threshold(splits, tmp_path):
         "0",
         "--residual",
         "positive",
+        "--normalize",
+        "robust",
         "--no-plots",
         *FAST,
     ]
@@ -154,6 +157,7 @@ def test_evaluate_options_and_fixed_threshold(splits, tmp_path):
     assert saved["protocol"]["threshold"] == {"value": 0.25, "method": "fixed", "source": "given by the user"}
     pp = saved["protocol"]["postprocessing"]
     assert (pp["median_size"], pp["median_dims"], pp["component_dims"], pp["residual"]) == (9, 3, 3, "positive")
+    assert pp["normalize"] == "robust"
     assert not (out / "roc_pr.png").exists()
 
 

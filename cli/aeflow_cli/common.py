@@ -1,4 +1,5 @@
-"""Helpers shared by the ``aeflow-cli`` sub-commands: user errors become one line and exit code 2."""
+"""Helpers shared by the ``aeflow-cli`` sub-commands: user errors become one line and exit code 2; options that
+several sub-commands take."""
 
 from __future__ import annotations
 
@@ -12,7 +13,17 @@ from monai_aeflow.errors import AEFlowInputError
 
 T = TypeVar("T")
 
-__all__ = ["UsageError", "run_guarded"]
+__all__ = ["UsageError", "run_guarded", "normalize_option"]
+
+normalize_option = click.option(
+    "--normalize",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "robust"]),
+    help="Use the raw map (none) or standardise each scan's map within its brain, (m - median) / IQR, before "
+    "thresholding (robust: one threshold then means the same on scans of another scale).",
+)
+"""``--normalize``: the per-scan normalisation of the maps (``PostprocessConfig.normalize``) of evaluate and compare."""
 
 
 class UsageError(click.ClickException):

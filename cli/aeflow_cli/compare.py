@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from aeflow_cli.common import run_guarded
+from aeflow_cli.common import normalize_option, run_guarded
 from aeflow_cli.train import backbone_options, data_config, data_options
 
 __all__ = ["compare"]
@@ -109,14 +109,7 @@ Examples:
     type=click.Choice(["residual", "ssim"]),
     help="Pixel map of reconstruction models (flow-only and intensity have one map).",
 )
-@click.option(
-    "--normalize",
-    default="none",
-    show_default=True,
-    type=click.Choice(["none", "robust"]),
-    help="Use the raw map (none) or standardise each scan's map within its brain, (m - median) / IQR, before "
-    "thresholding (robust: one threshold then means the same on scans of another scale).",
-)
+@normalize_option
 @click.option(
     "--residual",
     default="absolute",

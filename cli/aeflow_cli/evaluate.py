@@ -13,7 +13,7 @@ from typing import Any
 import click
 import numpy as np
 
-from aeflow_cli.common import run_guarded
+from aeflow_cli.common import normalize_option, run_guarded
 from monai_aeflow.errors import AEFlowInputError
 
 __all__ = ["evaluate"]
@@ -271,14 +271,7 @@ Example:
 )
 @click.option("-o", "--output", type=_DIR, default=Path("evaluation"), show_default=True, help="Report folder.")
 @click.option("--overwrite", is_flag=True, help="Replace a report already in the output folder.")
-@click.option(
-    "--normalize",
-    default="none",
-    show_default=True,
-    type=click.Choice(["none", "robust"]),
-    help="Use the raw map (none) or standardise each scan's map within its brain, (m - median) / IQR, before "
-    "thresholding (robust: one threshold then means the same on scans of another scale).",
-)
+@normalize_option
 @click.option(
     "--residual",
     type=click.Choice(["positive", "absolute"]),

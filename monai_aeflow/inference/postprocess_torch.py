@@ -3,9 +3,9 @@
 Robust normalisation of the map within the brain, brain-mask erosion per axial slice, median filter (2D
 ``k x k`` per slice or 3D ``k^3``), binarisation and removal of connected components of ``n`` voxels or fewer,
 computed where the tensor lives (the scorer's GPU), so that a volume need not travel to the CPU between the
-network and the lesion mask. Each function equals
-its numpy / scipy counterpart (``numpy.percentile``, ``scipy.ndimage.binary_erosion``, ``median_filter`` with
-``mode="reflect"``, ``label``-based component removal): the tests compare them voxel for voxel.
+network and the lesion mask. Each function equals its numpy / scipy counterpart (``numpy.percentile``,
+``scipy.ndimage.binary_erosion``, ``median_filter`` with ``mode="reflect"``, ``label``-based component removal):
+the tests compare them voxel for voxel.
 
 Connected components use label propagation on the graph of foreground voxels and their neighbours (the
 structuring element's offsets): hooking to the largest neighbouring label and pointer jumping, until nothing
@@ -239,7 +239,8 @@ def _percentiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tens
 
 def normalize_map_torch(amap: torch.Tensor, brain_mask: torch.Tensor | None, mode: str = "robust") -> torch.Tensor:
     """:func:`monai_aeflow.evaluation.postprocess.normalize_map` on the tensor's device: ``(m - median) / IQR``
-    over the brain voxels (the standard deviation, then 1, when the spread is degenerate), without a host wait.
+    over the brain voxels (the standard deviation, then 1, when the spread is degenerate); the statistics stay on
+    the device (selecting the brain voxels is the one wait for the host).
 
     Args:
         amap: the map, ``(X, Y, Z)`` or ``(X, Y)``.

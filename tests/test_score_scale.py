@@ -228,3 +228,16 @@ def test_stored_protocol_without_normalisation_keeps_the_raw_map_and_robust_foll
     expected = segment(processed, t, cfg)
     np.testing.assert_array_equal(result.lesion_mask > 0, expected)
     assert 0 < expected.sum() < (result.brain_mask > 0).sum() / 4
+
+
+def test_score_cli_score_threads_option_gives_the_same_outputs(cohort_and_model, tmp_path):
+    images = [str(p) for p in cohort_and_model["images"][:3]]
+    common = ["score", *images, "-m", str(cohort_and_model["model"]), "--device", "cpu", "--quiet", "--no-preview",
+              "--workers", "0"]  # fmt: skip
+    one = CliRunner().invoke(cli, [*common, "-o", str(tmp_path / "one")])
+    two = CliRunner().invoke(cli, [*common, "-o", str(tmp_path / "two"), "--score-threads", "2"])
+    assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
+    _same(_outputs(tmp_path / "one"), _outputs(tmp_path / "two"))
+    assert len(_outputs(tmp_path / "two")) >= 6
+    bad = CliRunner().invoke(cli, [*common, "-o", str(tmp_path / "bad"), "--score-threads", "0"])
+    assert bad.exit_code == 2 and "score-threads" in bad.output

@@ -63,6 +63,7 @@ def _run(
     amp_dtype: str | None = None,
     distributed: bool | None = None,
     compile_network: bool = False,
+    score_threads: int | None = None,
 ) -> list[dict[str, Any]]:
     from monai_aeflow.data.io import file_kind
     from monai_aeflow.errors import AEFlowInputError
@@ -131,6 +132,7 @@ def _run(
             progress=not quiet and ctx.rank == 0,
             lock=False,
             extra_outputs=extra_outputs,
+            score_threads=score_threads,
         )
         rows = gather_rows(rows, ctx, inputs)
         if len(rows) > 1 and ctx.rank == 0:
@@ -175,6 +177,13 @@ def _run(
     default=None,
     help="Processes decoding the next inputs while the model runs (0: in this process; default 1 on the CPU, "
     "half the CPU cores (2 to 8) on CUDA).",
+)
+@click.option(
+    "--score-threads",
+    type=click.IntRange(1),
+    default=None,
+    help="Threads running the model on consecutive inputs, each on its own CUDA stream (default 1 on the CPU, 2 "
+    "on CUDA); the outputs do not depend on it.",
 )
 @click.option("--no-preview", is_flag=True, help="Do not write the PNG previews.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary table.")
@@ -236,6 +245,7 @@ def score(
     amp_dtype: str | None,
     distributed: bool | None,
     compile_network: bool,
+    score_threads: int | None,
 ) -> None:
     """Score volumes and images: anomaly map, lesion mask, scores JSON and preview per input.
 
@@ -254,7 +264,7 @@ def score(
     """
     rows = run_guarded(
         _run, paths, model, out, device, batch_size, threshold, mask, overwrite, workers, not no_preview, quiet,
-        max_voxels, accept_irregular_series, dicom_out, amp_dtype, distributed or None, compile_network,
+        max_voxels, accept_irregular_series, dicom_out, amp_dtype, distributed or None, compile_network, score_threads,
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) > 0:  # rank 0 reports the whole run and exits with its code
         return

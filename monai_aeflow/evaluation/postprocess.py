@@ -2,9 +2,9 @@
 
 The brain MRI protocol of the project: optionally standardise the map within the brain of each scan (a robust
 z-score, so that one threshold means the same on scans of other contrast and noise levels), keep the positive or
-absolute part,
-multiply it by the brain mask eroded slice by slice, median filter it (2D ``k x k`` per axial slice or 3D
-``k x k x k``), binarise it with a threshold and remove the connected components of ``n`` voxels or fewer.
+absolute part, multiply it by the brain mask eroded slice by slice, median filter it (2D ``k x k`` per axial
+slice or 3D ``k x k x k``), binarise it with a threshold and remove the connected components of ``n`` voxels or
+fewer.
 Volumes are ``(X, Y, Z)`` arrays whose last axis is axial; 2D images ``(X, Y)`` are treated as one slice.
 
 Example::

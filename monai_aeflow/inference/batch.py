@@ -198,10 +198,16 @@ class _Loads(torch.utils.data.Dataset):
                 raise AEFlowInputError("output exists (use --overwrite to replace it)", path=dest)
             item["data"] = self.scorer.preprocess(path, self.masks.get(str(path)))
         except Exception as err:  # recorded per input; user errors are AEFlowInputError
-            item["user_error"] = isinstance(err, AEFlowInputError)
-            item["error"] = str(err) if item["user_error"] else f"{type(err).__name__}: {err}"
+            item.update(_failure(err))
         item["load_seconds"] = time.perf_counter() - start
         return item
+
+
+def _failure(exc: BaseException) -> dict[str, Any]:
+    """How a failed input is recorded: ``user_error`` (an :class:`AEFlowInputError`, reported as its message) and
+    ``error`` (the message, prefixed with the exception type for anything else)."""
+    user = isinstance(exc, AEFlowInputError)
+    return {"user_error": user, "error": str(exc) if user else f"{type(exc).__name__}: {exc}"}
 
 
 def _as_is(item: dict[str, Any]) -> dict[str, Any]:
@@ -268,8 +274,7 @@ def _score_locked(
             row.update(status="ok", outputs={k: str(v) for k, v in written.items()})
             row["timing"]["write_seconds"] = time.perf_counter() - started
         except Exception as exc:  # the input fails, nothing half-written (write_outputs stages the group)
-            row.update(status="error", user_error=isinstance(exc, AEFlowInputError))
-            row["error"] = str(exc) if row["user_error"] else f"{type(exc).__name__}: {exc}"
+            row.update(status="error", **_failure(exc))
         row["seconds"] += time.perf_counter() - started
         tick()
 
@@ -279,8 +284,7 @@ def _score_locked(
             with _own_stream(scorer.device, streams):
                 result = scorer.score_preprocessed(item["data"])
         except Exception as exc:  # one bad input must not stop the others
-            row.update(user_error=isinstance(exc, AEFlowInputError))
-            row["error"] = str(exc) if row["user_error"] else f"{type(exc).__name__}: {exc}"
+            row.update(status="error", **_failure(exc))
             row["seconds"] += time.perf_counter() - start
             tick()
             return

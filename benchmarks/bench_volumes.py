@@ -5,7 +5,8 @@ and preprocessing in ``--workers`` DataLoader processes, the network, the invers
 post-processing (on the scorer's device), and writing in a background thread. Reported: volumes/s over the
 whole run (after one warm-up volume), the time split per stage summed over the volumes (decode runs in the
 workers, so it overlaps the rest), wall time over network time (the target on CPU: <= 1.3), the peak GPU
-memory, and optionally a ``torch.profiler`` summary of one volume.
+memory, and optionally a ``torch.profiler`` summary of one volume (``--profile``) and a :mod:`cProfile` of the scoring
+thread's host time with its CPU time per volume (``--host-profile N``).
 
 Several scoring / writer thread counts can be run one after the other on the same inputs and model
 (``--score-threads 1,2 --write-threads 4,8``: every combination, one entry of ``runs`` each); the output files of
@@ -103,6 +104,49 @@ def profile_one(scorer: AnomalyScorer, image: Path) -> dict:
     }
 
 
+def host_profile(scorer: AnomalyScorer, images: list[Path], top: int = 25) -> dict:
+    """Where the scoring thread's host time goes: ``score_preprocessed`` of already decoded volumes, one after
+    the other in this thread, under :mod:`cProfile`; per volume the wall time and this thread's CPU time
+    (``time.thread_time``: a host-bound scorer spends about its wall time on the CPU), and the functions with the
+    most own (``tottime``) and cumulative time."""
+    import cProfile
+    import pstats
+
+    datas = [scorer.preprocess(p) for p in images]
+    scorer.score_preprocessed(datas[0])  # warm-up (allocator, autotuning)
+    prof = cProfile.Profile()
+    walls, cpus = [], []
+    for data in datas:
+        w0, c0 = time.perf_counter(), time.thread_time()
+        prof.enable()
+        scorer.score_preprocessed(data)
+        if scorer.device.type == "cuda":
+            torch.cuda.synchronize(scorer.device)
+        prof.disable()
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.thread_time() - c0)
+    stats = pstats.Stats(prof)
+
+    def rows(key: str) -> list[dict]:
+        stats.sort_stats(key)
+        out = []
+        for func in stats.fcn_list[:top]:  # type: ignore[attr-defined]
+            cc, nc, tt, ct, _ = stats.stats[func]  # type: ignore[attr-defined]
+            out.append({"function": f"{Path(func[0]).name}:{func[1]}({func[2]})", "calls": nc,
+                        "tottime_s": tt, "cumtime_s": ct})  # fmt: skip
+        return out
+
+    n = len(datas)
+    return {
+        "volumes": n,
+        "wall_seconds_per_volume": sum(walls) / n,
+        "thread_cpu_seconds_per_volume": sum(cpus) / n,
+        "note": "times under cProfile (each Python call costs more than without it)",
+        "top_tottime": rows("tottime"),
+        "top_cumtime": rows("cumulative"),
+    }
+
+
 def _ints(text: str | None) -> list[int | None]:
     return [None] if text is None else [int(v) for v in text.split(",")]
 
@@ -169,6 +213,16 @@ def main() -> None:
     )
     parser.add_argument("--sources", default=None, help="glob of .nii.gz volumes to copy (default: generated ones)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (AnomalyScorer(compile=))")
+    parser.add_argument(
+        "--compile-mode", default=None, help="torch.compile mode (e.g. reduce-overhead: CUDA graphs); implies --compile"
+    )
+    parser.add_argument(
+        "--host-profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add a cProfile of the scoring thread's host time over N decoded volumes (0: none)",
+    )
     parser.add_argument("--preview", action="store_true", help="write the PNG previews too")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--amp-dtype", default=None, choices=["bfloat16", "float16", "none"])
@@ -189,16 +243,20 @@ def main() -> None:
 
             shape = tuple(int(v) for v in nib.load(inputs[0]).shape[:3])
         model = make_model(work, args.backbone, (max(shape[:2]) + 15) // 16 * 16)
+        compile_arg = args.compile_mode or args.compile
         scorer = AnomalyScorer(
-            model, device=device, batch_size=args.batch_size, amp_dtype=args.amp_dtype, compile=args.compile
+            model, device=device, batch_size=args.batch_size, amp_dtype=args.amp_dtype, compile=compile_arg
         )
         t0 = time.perf_counter()
         score_paths(scorer, inputs[:1], work / "warmup", preview=False, workers=0, progress=False)
         warmup_s = time.perf_counter() - t0
-        runs = [
-            timed_run(scorer, inputs[1:], work / f"out{i}", args, workers, w, s)
-            for i, (s, w) in enumerate(itertools.product(_ints(args.score_threads), _ints(args.write_threads)))
-        ]
+        runs = []
+        for i, (s, w) in enumerate(itertools.product(_ints(args.score_threads), _ints(args.write_threads))):
+            try:
+                runs.append(timed_run(scorer, inputs[1:], work / f"out{i}", args, workers, w, s))
+            except Exception as exc:  # one failing combination (e.g. CUDA graphs across threads) leaves the others
+                runs.append({"score_threads": s, "write_threads": w, "failed": f"{type(exc).__name__}: {exc}"})
+        done = [r for r in runs if "failed" not in r]
         report = {
             "benchmark": "volumes",
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -212,18 +270,21 @@ def main() -> None:
             "volume_shape": list(shape),
             "workers": workers,
             "preview": args.preview,
-            "compile": args.compile,
+            "compile": compile_arg,
             "amp_dtype": str(scorer.amp_dtype),
             "postprocess_device": scorer.postprocess_device,
             "generate_seconds": gen_s,
             "warmup_seconds": warmup_s,
             "runs": runs,
         }
-        report["outputs_identical_across_runs"] = len({r["outputs_sha256"] for r in runs}) == 1
-        best = max(runs, key=lambda r: r["volumes_per_second"])
-        report["best"] = {k: best[k] for k in ("score_threads", "write_threads", "volumes_per_second")}
+        report["outputs_identical_across_runs"] = len({r["outputs_sha256"] for r in done}) == 1 if done else None
+        if done:
+            best = max(done, key=lambda r: r["volumes_per_second"])
+            report["best"] = {k: best[k] for k in ("score_threads", "write_threads", "volumes_per_second")}
         if args.profile:
             report["profile_one_volume"] = profile_one(scorer, inputs[0])
+        if args.host_profile:
+            report["host_profile"] = host_profile(scorer, inputs[1 : 1 + args.host_profile])
     json.dump(report, sys.stdout, indent=2)
     print()
 

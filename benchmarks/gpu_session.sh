@@ -16,6 +16,7 @@
 # of ../shared/data/brats2015_dev in an ignored folder, carried with the run) instead.
 #
 # Run (repository root):  STEPS="volumes_brats maps" bash benchmarks/gpu_session.sh
+#   (steps: checks score volumes compile volumes_brats volumes_compile host_profile volumes_graphs maps multi_gpu)
 #   (default STEPS: checks score volumes compile multi_gpu; VOLUMES=40 for a shorter sustained run)
 set -u
 cd "$(dirname "$0")/.."
@@ -63,6 +64,14 @@ want volumes_brats && step volumes_brats 170 python3 benchmarks/bench_volumes.py
   --backbone wide_resnet50_2 --workers 12 --sources "$BRATS/*/Flair*.nii.gz" --score-threads 1,2 --write-threads 4,8
 want volumes_compile && step volumes_compile 120 python3 benchmarks/bench_volumes.py --device cuda --volumes "${VOLUMES:-100}" \
   --backbone wide_resnet50_2 --workers 12 --sources "$BRATS/*/Flair*.nii.gz" --score-threads 2 --write-threads 8 --compile
+# 3c. where the scoring thread's host time goes (cProfile over 20 decoded BraTS volumes, one scoring thread; its CPU
+#     time per volume against the wall time), and torch.compile's CUDA-graph mode (reduce-overhead) end to end
+want host_profile && step host_profile 150 python3 benchmarks/bench_volumes.py --device cuda --volumes 20 \
+  --backbone wide_resnet50_2 --workers 12 --sources "$BRATS/*/Flair*.nii.gz" --score-threads 1 --write-threads 4 \
+  --host-profile 20
+want volumes_graphs && step volumes_graphs 170 python3 benchmarks/bench_volumes.py --device cuda --volumes "${VOLUMES:-100}" \
+  --backbone wide_resnet50_2 --workers 12 --sources "$BRATS/*/Flair*.nii.gz" --score-threads 1,2 --write-threads 4 \
+  --compile-mode reduce-overhead
 # 6. the BraTS dev protocol at the paper's scale (256x256, 1 mm): Wide-ResNet-50-2 random against the pretrained
 #    EfficientNet-Lite0, FLAIR (whole tumour) and T1c (tumour core), every candidate map, four rotated folds
 #    (the preprocessed-volume cache stays out of $OUT; the Markdown table is copied there)

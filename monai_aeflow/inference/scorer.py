@@ -68,6 +68,29 @@ def _to_host(*tensors: torch.Tensor | None) -> list[np.ndarray | None]:
     return [None if t is None else t.numpy() for t in staged]
 
 
+def _map_sums(
+    map_in: np.ndarray | torch.Tensor, brain_in: np.ndarray | torch.Tensor, lesion: np.ndarray | torch.Tensor | None
+) -> np.ndarray | torch.Tensor:
+    """``[sum of the map over the brain, brain voxels, lesion voxels]`` in float64 (NaN without a lesion mask), on
+    the arrays' device; one reduction each (numpy's ``map[brain].mean()`` gathers the brain voxels first, which
+    holds the interpreter for about 35 ms per 240 x 240 x 155 volume)."""
+    if isinstance(map_in, torch.Tensor):
+        zero = torch.zeros((), dtype=map_in.dtype, device=map_in.device)
+        inside = torch.where(brain_in.bool(), map_in, zero).sum(dtype=torch.float64)
+        brain_n = brain_in.sum(dtype=torch.float64)
+        lesion_n = lesion.sum(dtype=torch.float64) if lesion is not None else torch.full_like(brain_n, float("nan"))
+        return torch.stack([inside, brain_n, lesion_n])
+    brain_b = np.asarray(brain_in, dtype=bool)
+    return np.array(
+        [
+            np.sum(np.asarray(map_in) * brain_b, dtype=np.float64),
+            np.count_nonzero(brain_b),
+            np.nan if lesion is None else np.count_nonzero(lesion),
+        ],
+        dtype=np.float64,
+    )
+
+
 class AnomalyScorer:
     """Scores NIfTI / DICOM volumes and 2D images with a trained model file, on the input's grid.
 
@@ -390,14 +413,19 @@ class AnomalyScorer:
         amap: np.ndarray,
     ) -> ScoreResult:
         source = str(data["source"])
-        lesion = None
+        lesion = sums = None
         if isinstance(map_in, torch.Tensor):  # on the device: post-process there, then one copy to the host
             if self.threshold is not None and self.postprocess_device not in ("cpu", "torch-cpu"):
                 lesion = lesion_mask_torch(map_in, brain_in, self.threshold, self.postprocess_config)
-            map_in, brain_in, lesion = _to_host(map_in, brain_in, lesion)
+            if map_in.device.type != "cpu" and (lesion is not None or self.threshold is None):  # same copy
+                sums = _map_sums(map_in, brain_in, lesion)
+            map_in, brain_in, lesion, sums = _to_host(map_in, brain_in, lesion, sums)
         if self.threshold is not None and lesion is None:
             lesion = lesion_mask_on(map_in, brain_in, self.threshold, self.postprocess_config, self.postprocess_device)
-        lesion_voxels = None if lesion is None else int(lesion.sum())
+        if sums is None:
+            sums = _map_sums(map_in, brain_in, lesion)
+        inside, brain_voxels = float(sums[0]), int(sums[1])
+        lesion_voxels = None if lesion is None else int(sums[2])
         voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0 if data["kind"] == "volume" else None
         slice_scores = np.asarray(per_slice["score"])
         finite = slice_scores[np.isfinite(slice_scores)]
@@ -405,7 +433,7 @@ class AnomalyScorer:
             "input": source,
             "kind": data["kind"],
             "shape": list(map_in.shape),
-            "volume_score": float(map_in[brain_in].mean()) if brain_in.any() else 0.0,
+            "volume_score": inside / brain_voxels if brain_voxels else 0.0,
             "volume_score_method": VOLUME_SCORE_METHOD,
             "max_slice_score": float(finite.max()) if finite.size else None,
             "slice_scores": finite_list(slice_scores),
@@ -418,7 +446,7 @@ class AnomalyScorer:
             "postprocessing": self.postprocess_config.to_dict(),
             "lesion_voxels": lesion_voxels,
             "lesion_volume_ml": None if lesion_voxels is None or voxel_ml is None else lesion_voxels * voxel_ml,
-            "brain_voxels": int(brain_in.sum()),
+            "brain_voxels": brain_voxels,
             "irregular_series": data.get("irregular_series"),
             "model": self.identity,
         }

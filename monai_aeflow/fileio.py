@@ -24,6 +24,7 @@ __all__ = [
     "atomic_write_json",
     "current_umask",
     "gzip_bytes",
+    "nifti_bytes",
     "save_nifti",
     "to_jsonable",
 ]
@@ -107,10 +108,55 @@ def gzip_bytes(data: bytes, level: int = NIFTI_GZIP_LEVEL) -> bytes:
     return igzip.compress(data, compresslevel=min(level, 3), mtime=0)
 
 
+def nifti_bytes(image: Any) -> bytes:
+    """The bytes of a single-file NIfTI image, as ``image.to_bytes()`` gives them, with the voxel data copied in one
+    call where nibabel needs no scaling.
+
+    nibabel writes the data one slice at a time, with several numpy calls per slice; each call hands the GIL back
+    and forth, so beside busy Python threads (the scoring threads of :func:`~monai_aeflow.inference.score_paths`)
+    writing a 240 x 240 x 155 map took 0.9 s instead of 0.04 s. When the array already has the header's data type
+    (native byte order), the header's scaling is fixed (not NaN) and the image has no extensions, the header comes
+    from nibabel (``update_header``, ``write_to``) and the data from one Fortran-order copy; anything else goes
+    through ``image.to_bytes()``. Tested byte for byte against it.
+
+    Args:
+        image: a ``nibabel.Nifti1Image`` or ``Nifti2Image``.
+
+    Returns:
+        The uncompressed file content.
+    """
+    import io
+
+    import nibabel as nib
+
+    data = np.asanyarray(image.dataobj)
+    image.update_header()
+    hdr = image.header
+    fixed_scaling = not (np.isnan(float(hdr["scl_slope"])) and np.isnan(float(hdr["scl_inter"])))
+    if (
+        not isinstance(image, nib.Nifti1Image)  # NIfTI-1 and NIfTI-2 single files (a pair has two)
+        or hdr.extensions
+        or data.dtype != hdr.get_data_dtype()
+        or not data.dtype.isnative
+        or data.dtype.kind not in "fiu"
+        or not fixed_scaling
+    ):
+        return image.to_bytes()
+    head = io.BytesIO()
+    stored_offset = hdr.get_data_offset()
+    hdr.write_to(head)  # sets an unset data offset, as nibabel's writing does; restored below, as there
+    offset = int(hdr.get_data_offset())
+    hdr.set_data_offset(stored_offset)
+    pad = b"\0" * max(0, offset - head.tell())
+    # nibabel's slice loop writes the voxels in Fortran order: one layout copy, then one copy into the result
+    voxels = np.asfortranarray(data).reshape(-1, order="F")
+    return b"".join((head.getvalue(), pad, memoryview(voxels).cast("B")))
+
+
 def save_nifti(image: Any, path: str | os.PathLike) -> Path:
     """Write a nibabel NIfTI image atomically (:func:`atomic_write`); a ``.nii.gz`` is compressed by
-    :func:`gzip_bytes` from the image's bytes (the same header and data as ``nibabel.save``), any other name is
-    written by ``nibabel.save``.
+    :func:`gzip_bytes` from the image's bytes (:func:`nifti_bytes`: the same header and data as ``nibabel.save``),
+    any other name is written by ``nibabel.save``.
 
     Args:
         image: a ``nibabel`` NIfTI-1 or NIfTI-2 image.
@@ -121,7 +167,7 @@ def save_nifti(image: Any, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     if path.name.lower().endswith(".nii.gz"):
-        data = gzip_bytes(image.to_bytes())
+        data = gzip_bytes(nifti_bytes(image))
         return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     import nibabel as nib
 

@@ -96,12 +96,11 @@ def output_paths(name: str, out_dir: str | os.PathLike, kind: str = "volume") ->
 
 
 def _save_nifti(array: np.ndarray, affine: np.ndarray, header: Any, path: Path, dtype: Any) -> None:
-    img = nib.Nifti1Image(array.astype(dtype), affine, header=header)
+    img = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine, header=header)
     img.set_data_dtype(dtype)
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
-    if dtype == np.float32:
-        img.header["scl_slope"], img.header["scl_inter"] = 1.0, 0.0
+    img.header["scl_slope"], img.header["scl_inter"] = 1.0, 0.0  # stored as is (no scaling of a copied header)
     save_nifti(img, path)
 
 

@@ -217,6 +217,13 @@ def main() -> None:
         "--compile-mode", default=None, help="torch.compile mode (e.g. reduce-overhead: CUDA graphs); implies --compile"
     )
     parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="seconds: sys.setswitchinterval for the run (Python's default 0.005; a thread that gives the GIL up "
+        "waits up to this long to get it back beside a busy thread)",
+    )
+    parser.add_argument(
         "--host-profile",
         type=int,
         default=0,
@@ -230,6 +237,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="add a torch.profiler summary of one volume")
     parser.add_argument("--work", default=None, help="folder for the generated volumes (default: a temporary one)")
     args = parser.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     device = torch.device(args.device)
     shape = tuple(int(s) for s in args.shape.split(","))
     workers = args.workers if args.workers is not None else (8 if device.type == "cuda" else 2)
@@ -271,6 +280,7 @@ def main() -> None:
             "workers": workers,
             "preview": args.preview,
             "compile": compile_arg,
+            "switch_interval_seconds": sys.getswitchinterval(),
             "amp_dtype": str(scorer.amp_dtype),
             "postprocess_device": scorer.postprocess_device,
             "generate_seconds": gen_s,

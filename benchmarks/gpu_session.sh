@@ -16,7 +16,8 @@
 # of ../shared/data/brats2015_dev in an ignored folder, carried with the run) instead.
 #
 # Run (repository root):  STEPS="volumes_brats maps" bash benchmarks/gpu_session.sh
-#   (steps: checks score volumes compile volumes_brats volumes_compile host_profile volumes_graphs maps multi_gpu)
+#   (steps: checks score volumes compile volumes_brats volumes_compile host_profile volumes_switch volumes_graphs maps
+#   multi_gpu)
 #   (default STEPS: checks score volumes compile multi_gpu; VOLUMES=40 for a shorter sustained run)
 set -u
 cd "$(dirname "$0")/.."
@@ -65,10 +66,14 @@ want volumes_brats && step volumes_brats 170 python3 benchmarks/bench_volumes.py
 want volumes_compile && step volumes_compile 120 python3 benchmarks/bench_volumes.py --device cuda --volumes "${VOLUMES:-100}" \
   --backbone wide_resnet50_2 --workers 12 --sources "$BRATS/*/Flair*.nii.gz" --score-threads 2 --write-threads 8 --compile
 # 3c. where the scoring thread's host time goes (cProfile over 20 decoded BraTS volumes, one scoring thread; its CPU
-#     time per volume against the wall time), and torch.compile's CUDA-graph mode (reduce-overhead) end to end
+#     time per volume against the wall time); the GIL switch interval at 0.5 ms instead of 5 ms (threads that give
+#     the GIL up for a CUDA wait or a write get it back sooner); torch.compile's CUDA-graph mode (reduce-overhead)
 want host_profile && step host_profile 150 python3 benchmarks/bench_volumes.py --device cuda --volumes 20 \
   --backbone wide_resnet50_2 --workers 12 --sources "$BRATS/*/Flair*.nii.gz" --score-threads 1 --write-threads 4 \
   --host-profile 20
+want volumes_switch && step volumes_switch 120 python3 benchmarks/bench_volumes.py --device cuda --volumes "${VOLUMES:-100}" \
+  --backbone wide_resnet50_2 --workers 12 --sources "$BRATS/*/Flair*.nii.gz" --score-threads 2,3 --write-threads 4 \
+  --switch-interval 0.0005
 want volumes_graphs && step volumes_graphs 170 python3 benchmarks/bench_volumes.py --device cuda --volumes "${VOLUMES:-100}" \
   --backbone wide_resnet50_2 --workers 12 --sources "$BRATS/*/Flair*.nii.gz" --score-threads 1,2 --write-threads 4 \
   --compile-mode reduce-overhead

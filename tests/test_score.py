@@ -387,19 +387,19 @@ def test_default_batch_size():
 def test_map_sums_match_numpy_masked_mean():
     """The volume summary (mean map over the brain, brain and lesion voxels) from one reduction, numpy or torch,
     equals numpy's masked mean and counts."""
-    from monai_aeflow.inference.scorer import _map_sums
+    from monai_aeflow.inference.result import map_sums
 
     rng = np.random.default_rng(3)
     amap = rng.random((30, 28, 9), dtype=np.float32) * 5
     brain = rng.random((30, 28, 9)) > 0.4
     lesion = (amap > 4.5) & brain
     expected = [amap[brain].astype(np.float64).sum(), brain.sum(), lesion.sum()]
-    got_np = _map_sums(amap, brain, lesion)
-    got_t = _map_sums(torch.from_numpy(amap), torch.from_numpy(brain), torch.from_numpy(lesion)).numpy()
+    got_np = map_sums(amap, brain, lesion)
+    got_t = map_sums(torch.from_numpy(amap), torch.from_numpy(brain), torch.from_numpy(lesion)).numpy()
     for got in (got_np, got_t):
         assert got[0] / got[1] == pytest.approx(float(amap[brain].mean()), rel=1e-6)
         assert got[0] == pytest.approx(expected[0], rel=1e-9)
         assert (int(got[1]), int(got[2])) == (int(expected[1]), int(expected[2]))
-    assert np.isnan(_map_sums(amap, brain, None)[2]) and np.isnan(
-        float(_map_sums(torch.from_numpy(amap), torch.from_numpy(brain), None)[2])
+    assert np.isnan(map_sums(amap, brain, None)[2]) and np.isnan(
+        float(map_sums(torch.from_numpy(amap), torch.from_numpy(brain), None)[2])
     )

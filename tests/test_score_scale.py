@@ -241,3 +241,50 @@ def test_score_cli_score_threads_option_gives_the_same_outputs(cohort_and_model,
     assert len(_outputs(tmp_path / "two")) >= 6
     bad = CliRunner().invoke(cli, [*common, "-o", str(tmp_path / "bad"), "--score-threads", "0"])
     assert bad.exit_code == 2 and "score-threads" in bad.output
+
+
+def test_folder_of_2d_images_shares_forward_passes_and_scores_like_one_by_one(cohort_and_model, tmp_path):
+    """Consecutive 2D images of one size go through the network together (groups of the scorer's batch); maps
+    and scores equal each image scored alone by ``AnomalyScorer.score``; a corrupt image fails by itself and a
+    volume between images is scored as usual; rows keep the input order."""
+    from PIL import Image
+
+    vol = nib.load(cohort_and_model["images"][2]).get_fdata()
+    folder = tmp_path / "images"
+    folder.mkdir()
+    inputs = []
+    for k in range(7):
+        sl = vol[..., 4 + 2 * k]
+        pixels = (np.clip(sl / max(np.percentile(sl, 99), 1e-6), 0, 1) * 255).astype(np.uint8).T
+        if k == 5:
+            pixels = np.pad(pixels, ((0, 8), (0, 0)))  # another size: not stacked with the others
+        path = folder / f"img{k}.png"
+        Image.fromarray(pixels).save(path)
+        inputs.append(path)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    inputs = [*inputs[:3], folder / "broken.png", *inputs[3:5], cohort_and_model["images"][0], *inputs[5:]]
+
+    scorer = AnomalyScorer(cohort_and_model["model"], device="cpu", batch_size=3)
+    stacks = []
+    run_network = scorer._image_outputs
+
+    def spy(images):
+        stacks.append(images.shape[0])
+        return run_network(images)
+
+    scorer._image_outputs = spy
+    rows = score_paths(scorer, inputs, tmp_path / "out", preview=False, workers=0, progress=False)
+    assert [r["input"] for r in rows] == [str(p) for p in inputs]
+    assert [r["status"] for r in rows] == ["ok"] * 3 + ["error"] + ["ok"] * 5
+    assert max(stacks) == 3 and len(stacks) < 8  # shared passes (one image each would be 8)
+
+    alone = AnomalyScorer(cohort_and_model["model"], device="cpu", batch_size=3)
+    for path, row in zip(inputs, rows, strict=True):
+        if row["status"] != "ok" or not str(path).endswith(".png"):
+            continue
+        ref = alone.score(path)
+        amap = np.asarray(Image.open(row["outputs"]["anomaly"]))
+        np.testing.assert_allclose(amap, np.asarray(ref.anomaly_map).T, rtol=1e-4, atol=1e-5, err_msg=str(path))
+        scores = json.loads(Path(row["outputs"]["scores"]).read_text())
+        np.testing.assert_allclose(scores["slice_scores"], ref.scores["slice_scores"], rtol=1e-4, atol=1e-6)
+        assert abs(scores["lesion_voxels"] - ref.scores["lesion_voxels"]) <= 2  # a voxel at the threshold may flip

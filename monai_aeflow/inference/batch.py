@@ -210,6 +210,14 @@ def _failure(exc: BaseException) -> dict[str, Any]:
     return {"user_error": user, "error": str(exc) if user else f"{type(exc).__name__}: {exc}"}
 
 
+def _image_group_size(scorer: AnomalyScorer, image: torch.Tensor) -> int:
+    """How many decoded 2D images share forward passes: the scorer's batch (its device's default when unset)."""
+    from monai_aeflow.inference.volume import default_batch_size
+
+    h, w = (int(v) for v in image.shape[-2:])
+    return max(1, scorer.batch_size or default_batch_size(scorer.device, h, w))
+
+
 def _as_is(item: dict[str, Any]) -> dict[str, Any]:
     return item
 
@@ -288,6 +296,29 @@ def _score_locked(
             row["seconds"] += time.perf_counter() - start
             tick()
             return
+        hand_over(row, item, result, time.perf_counter() - start, writer)
+
+    def score_group(group: list[tuple[dict[str, Any], dict[str, Any]]], writer: BackgroundWriter) -> None:
+        """2D images of one size through shared forward passes; if that fails, each one alone (so that a bad
+        image fails by itself)."""
+        if len(group) == 1:
+            score_one(*group[0], writer)
+            return
+        start = time.perf_counter()
+        try:
+            with _own_stream(scorer.device, streams):
+                results = scorer.score_preprocessed_many([item["data"] for _, item in group])
+        except Exception:
+            for row, item in group:
+                score_one(row, item, writer)
+            return
+        each = (time.perf_counter() - start) / len(group)
+        for (row, item), result in zip(group, results, strict=True):
+            hand_over(row, item, result, each, writer)
+
+    def hand_over(
+        row: dict[str, Any], item: dict[str, Any], result: ScoreResult, seconds: float, writer: BackgroundWriter
+    ) -> None:
         s = result.scores
         row.update(
             status="writing",
@@ -300,15 +331,36 @@ def _score_locked(
         )
         if item["incomplete"]:
             row["note"] = "replaced the incomplete outputs of an interrupted run"
-        row["seconds"] += time.perf_counter() - start
+        row["seconds"] += seconds
         writer.put(row, result, time.perf_counter())
 
     slots = threading.BoundedSemaphore(score_threads)  # inputs being scored at once (decoded ones wait in the loader)
     pending: list[Future] = []
     warm = False
+    images: list[tuple[dict[str, Any], dict[str, Any]]] = []  # consecutive decoded 2D images, scored together
     with BackgroundWriter(write, max_pending=2 * write_threads, threads=write_threads) as writer:
         # the scoring threads end before the writer does: every result they hand over is written
         pool = ThreadPoolExecutor(score_threads, thread_name_prefix="aeflow-score") if score_threads > 1 else None
+
+        def dispatch(group: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+            nonlocal warm
+            if pool is None or not warm:  # the first input alone: compilation and autotuning happen once
+                score_group(group, writer)
+                warm = any(row["status"] != "error" for row, _ in group)
+                return
+            slots.acquire()
+            future = pool.submit(score_group, group, writer)
+            future.add_done_callback(lambda _: slots.release())
+            pending.append(future)
+            for done in [f for f in pending if f.done()]:
+                pending.remove(done)
+                done.result()  # a writer that stopped raises here
+
+        def flush_images() -> None:
+            if images:
+                dispatch(list(images))
+                images.clear()
+
         try:
             for item in loader:
                 path = queue[item["index"]]
@@ -319,17 +371,16 @@ def _score_locked(
                     row.update(error=item["error"], user_error=item["user_error"])
                     tick()
                     continue
-                if pool is None or not warm:  # the first input alone: compilation and autotuning happen once
-                    score_one(row, item, writer)
-                    warm = row["status"] != "error"
+                if item["data"]["kind"] == "image2d" and warm:
+                    if images and tuple(item["data"]["image"].shape) != tuple(images[0][1]["data"]["image"].shape):
+                        flush_images()
+                    images.append((row, item))
+                    if len(images) >= _image_group_size(scorer, item["data"]["image"]):
+                        flush_images()
                     continue
-                slots.acquire()
-                future = pool.submit(score_one, row, item, writer)
-                future.add_done_callback(lambda _: slots.release())
-                pending.append(future)
-                for done in [f for f in pending if f.done()]:
-                    pending.remove(done)
-                    done.result()  # a writer that stopped raises here
+                flush_images()
+                dispatch([(row, item)])
+            flush_images()
             for future in pending:
                 future.result()
         finally:

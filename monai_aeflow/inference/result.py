@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
-__all__ = ["VOLUME_SCORE_METHOD", "ScoreResult", "finite_list"]
+__all__ = ["VOLUME_SCORE_METHOD", "ScoreResult", "finite_list", "map_sums"]
 
 VOLUME_SCORE_METHOD = "mean anomaly map over brain voxels (input grid)"
 
@@ -45,3 +46,37 @@ class ScoreResult:
 def finite_list(values: np.ndarray) -> list[float | None]:
     """The values as a JSON-ready list, None where not finite."""
     return [float(v) if np.isfinite(v) else None for v in np.asarray(values, dtype=float)]
+
+
+def map_sums(
+    map_in: np.ndarray | torch.Tensor, brain_in: np.ndarray | torch.Tensor, lesion: np.ndarray | torch.Tensor | None
+) -> np.ndarray | torch.Tensor:
+    """The sums behind a result's volume score (:data:`VOLUME_SCORE_METHOD`) and voxel counts.
+
+    One reduction each, on the arrays' device (numpy's ``map[brain].mean()`` gathers the brain voxels first, which
+    holds the interpreter for about 35 ms per 240 x 240 x 155 volume).
+
+    Args:
+        map_in: the anomaly map.
+        brain_in: the brain mask, same shape.
+        lesion: the lesion mask, same shape, or None.
+
+    Returns:
+        ``[sum of the map over the brain, brain voxels, lesion voxels]`` in float64 (NaN without a lesion mask),
+        a tensor for tensor inputs, else a numpy array.
+    """
+    if isinstance(map_in, torch.Tensor):
+        zero = torch.zeros((), dtype=map_in.dtype, device=map_in.device)
+        inside = torch.where(brain_in.bool(), map_in, zero).sum(dtype=torch.float64)
+        brain_n = brain_in.sum(dtype=torch.float64)
+        lesion_n = lesion.sum(dtype=torch.float64) if lesion is not None else torch.full_like(brain_n, float("nan"))
+        return torch.stack([inside, brain_n, lesion_n])
+    brain_b = np.asarray(brain_in, dtype=bool)
+    return np.array(
+        [
+            np.sum(np.asarray(map_in) * brain_b, dtype=np.float64),
+            np.count_nonzero(brain_b),
+            np.nan if lesion is None else np.count_nonzero(lesion),
+        ],
+        dtype=np.float64,
+    )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,8 @@ from monai_aeflow.evaluation.postprocess import PostprocessConfig
 from monai_aeflow.inference.model_file import BUNDLE_MODEL_FILES, preprocessing_from_config, resolve_model_path
 from monai_aeflow.inference.outputs import _KINDS, _sha256, output_name
 from monai_aeflow.inference.postprocess_torch import lesion_mask_on, lesion_mask_torch
-from monai_aeflow.inference.result import VOLUME_SCORE_METHOD, ScoreResult, finite_list
-from monai_aeflow.inference.volume import score_slices, score_volume_on
+from monai_aeflow.inference.result import VOLUME_SCORE_METHOD, ScoreResult, finite_list, map_sums
+from monai_aeflow.inference.volume import score_slices, score_volume_on, to_host
 from monai_aeflow.visualize import most_anomalous_slices
 
 __all__ = [
@@ -51,44 +51,6 @@ __all__ = [
 PREVIEW_SLICES = 4
 """Slices of the preview panel (the most anomalous); only these of the model-grid reconstruction and map are
 copied back from the device."""
-
-
-def _to_host(*tensors: torch.Tensor | None) -> list[np.ndarray | None]:
-    """Copy device tensors to the host with one synchronisation (through pinned memory on CUDA)."""
-    staged: list[torch.Tensor | None] = []
-    for t in tensors:
-        if t is None or t.device.type == "cpu":
-            staged.append(t)
-            continue
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)
-        staged.append(host)
-    for device in {t.device for t in tensors if t is not None and t.device.type == "cuda"}:
-        torch.cuda.current_stream(device).synchronize()  # this thread's stream: other scoring threads go on
-    return [None if t is None else t.numpy() for t in staged]
-
-
-def _map_sums(
-    map_in: np.ndarray | torch.Tensor, brain_in: np.ndarray | torch.Tensor, lesion: np.ndarray | torch.Tensor | None
-) -> np.ndarray | torch.Tensor:
-    """``[sum of the map over the brain, brain voxels, lesion voxels]`` in float64 (NaN without a lesion mask), on
-    the arrays' device; one reduction each (numpy's ``map[brain].mean()`` gathers the brain voxels first, which
-    holds the interpreter for about 35 ms per 240 x 240 x 155 volume)."""
-    if isinstance(map_in, torch.Tensor):
-        zero = torch.zeros((), dtype=map_in.dtype, device=map_in.device)
-        inside = torch.where(brain_in.bool(), map_in, zero).sum(dtype=torch.float64)
-        brain_n = brain_in.sum(dtype=torch.float64)
-        lesion_n = lesion.sum(dtype=torch.float64) if lesion is not None else torch.full_like(brain_n, float("nan"))
-        return torch.stack([inside, brain_n, lesion_n])
-    brain_b = np.asarray(brain_in, dtype=bool)
-    return np.array(
-        [
-            np.sum(np.asarray(map_in) * brain_b, dtype=np.float64),
-            np.count_nonzero(brain_b),
-            np.nan if lesion is None else np.count_nonzero(lesion),
-        ],
-        dtype=np.float64,
-    )
 
 
 class AnomalyScorer:
@@ -298,6 +260,45 @@ class AnomalyScorer:
         result.scores["timing"] = timings
         return result
 
+    def score_preprocessed_many(self, datas: Sequence[Mapping[str, Any]]) -> list[ScoreResult]:
+        """Score several data dicts returned by :meth:`preprocess`; 2D images of one size share forward passes.
+
+        A folder of 2D images (chest X-rays) would otherwise run the network once per image, a batch of one.
+        Volumes, and 2D images of another size than the first, are scored one by one. The network time of a
+        shared pass is divided evenly between its images (``timing.model_seconds``). The results are those of
+        :meth:`score_preprocessed` per input up to floating-point rounding (another batch size may take other
+        kernels).
+
+        Args:
+            datas: preprocessed inputs.
+
+        Returns:
+            One :class:`ScoreResult` per input, in order.
+        """
+        images = [d for d in datas if d["kind"] == "image2d"]
+        if len(images) < 2 or any(tuple(d["image"].shape) != tuple(images[0]["image"].shape) for d in images):
+            return [self.score_preprocessed(d) for d in datas]
+        shared: dict[str, float] = {}
+        t0 = time.perf_counter()
+        stack = torch.stack([d["image"].as_subclass(torch.Tensor) for d in images])
+        out = self._timed_model(lambda: self._image_outputs(stack), shared)
+        model_each = shared["model_seconds"] / len(images)
+        post_each = (time.perf_counter() - t0 - shared["model_seconds"]) / len(images)  # stacking
+        by_image = iter(range(len(images)))
+        results = []
+        for data in datas:
+            if data["kind"] != "image2d":
+                results.append(self.score_preprocessed(data))
+                continue
+            i = next(by_image)
+            t1 = time.perf_counter()
+            mine = {k: v[i : i + 1] if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+            result = self._image_result(data, mine)
+            post = post_each + time.perf_counter() - t1
+            result.scores["timing"] = {"model_seconds": model_each, "postprocess_seconds": post}
+            results.append(result)
+        return results
+
     def _timed_model(self, run: Callable[[], Any], timings: dict[str, float]) -> Any:
         start = time.perf_counter()
         out = run()
@@ -359,24 +360,25 @@ class AnomalyScorer:
         affine = np.asarray(back["anomaly_map"].affine, dtype=np.float64)
         show = most_anomalous_slices(per_slice["score"], PREVIEW_SLICES) or [0]
         preview_rec, preview_map = np.zeros(brain_np.shape, np.float32), np.zeros(brain_np.shape, np.float32)
-        rec_show, map_show = _to_host(rec[..., show].float(), amap[..., show].float())
+        rec_show, map_show = to_host(rec[..., show].float(), amap[..., show].float())
         preview_rec[..., show], preview_map[..., show] = rec_show, map_show
         return self._finish(data, map_in, brain_in, affine, per_slice, keep, image, preview_rec, preview_map)
 
+    def _image_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The network's outputs (:func:`score_slices`, on the host) for a ``(N, C, H, W)`` stack of images."""
+        return score_slices(
+            self.network, images, self.batch_size, self.beta, self.map_kind, amp_dtype=self.amp_dtype or "none"
+        )
+
     def _score_image(self, data: Mapping[str, Any], timings: dict[str, float]) -> ScoreResult:
         image: MetaTensor = data["image"]
+        out = self._timed_model(lambda: self._image_outputs(image.as_subclass(torch.Tensor)[None]), timings)
+        return self._image_result(data, out)
+
+    def _image_result(self, data: Mapping[str, Any], out: Mapping[str, torch.Tensor]) -> ScoreResult:
+        """One 2D image's result from its network outputs (a batch of one)."""
+        image: MetaTensor = data["image"]
         brain = data["mask"][0].numpy() > 0
-        out = self._timed_model(
-            lambda: score_slices(
-                self.network,
-                image.as_subclass(torch.Tensor)[None],
-                self.batch_size,
-                self.beta,
-                self.map_kind,
-                amp_dtype=self.amp_dtype or "none",
-            ),
-            timings,
-        )
         amap = out["anomaly_map"][0, 0].numpy() * brain
         shape = tuple(int(s) for s in image.meta.get("spatial_shape", image.shape[1:]))
         map_in = F.interpolate(torch.from_numpy(amap)[None, None], size=shape, mode="bilinear", align_corners=False)
@@ -418,12 +420,12 @@ class AnomalyScorer:
             if self.threshold is not None and self.postprocess_device not in ("cpu", "torch-cpu"):
                 lesion = lesion_mask_torch(map_in, brain_in, self.threshold, self.postprocess_config)
             if map_in.device.type != "cpu" and (lesion is not None or self.threshold is None):  # same copy
-                sums = _map_sums(map_in, brain_in, lesion)
-            map_in, brain_in, lesion, sums = _to_host(map_in, brain_in, lesion, sums)
+                sums = map_sums(map_in, brain_in, lesion)
+            map_in, brain_in, lesion, sums = to_host(map_in, brain_in, lesion, sums)
         if self.threshold is not None and lesion is None:
             lesion = lesion_mask_on(map_in, brain_in, self.threshold, self.postprocess_config, self.postprocess_device)
         if sums is None:
-            sums = _map_sums(map_in, brain_in, lesion)
+            sums = map_sums(map_in, brain_in, lesion)
         inside, brain_voxels = float(sums[0]), int(sums[1])
         lesion_voxels = None if lesion is None else int(sums[2])
         voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0 if data["kind"] == "volume" else None

@@ -20,6 +20,7 @@ __all__ = [
     "score_slices",
     "score_volume",
     "score_volume_on",
+    "to_host",
 ]
 
 CPU_BATCH_PIXELS = 262_144
@@ -43,6 +44,29 @@ def default_batch_size(device: torch.device | str, height: int, width: int) -> i
         return CUDA_BATCH_SIZE
     n = max(1, CPU_BATCH_PIXELS // max(1, height * width))
     return int(min(64, 2 ** int(np.floor(np.log2(n)))))
+
+
+def to_host(*tensors: torch.Tensor | None) -> list[np.ndarray | None]:
+    """Copy device tensors to the host with one synchronisation (through pinned memory on CUDA).
+
+    Args:
+        tensors: tensors on any device, or None.
+
+    Returns:
+        numpy arrays (None stays None); on CUDA only this thread's stream is waited for, so other scoring
+        threads go on.
+    """
+    staged: list[torch.Tensor | None] = []
+    for t in tensors:
+        if t is None or t.device.type == "cpu":
+            staged.append(t)
+            continue
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        staged.append(host)
+    for device in {t.device for t in tensors if t is not None and t.device.type == "cuda"}:
+        torch.cuda.current_stream(device).synchronize()  # this thread's stream: other scoring threads go on
+    return [None if t is None else t.numpy() for t in staged]
 
 
 @dataclass

@@ -23,6 +23,7 @@ from sklearn.metrics import roc_auc_score
 from monai_aeflow.checkpoint import load_model
 from monai_aeflow.data.datalists import DataConfig, SyntheticCohortConfig, prepare_data
 from monai_aeflow.data.slices import SliceDataset, select_slices
+from monai_aeflow.engines.metrics import ReconstructionQuality
 from monai_aeflow.engines.run import train_model
 from monai_aeflow.engines.workflow import resolve_device
 from monai_aeflow.errors import AEFlowInputError
@@ -143,6 +144,29 @@ def _score_subject(network: torch.nn.Module, volume: Mapping[str, Any], keep: np
     return result, row
 
 
+def _reconstruction(
+    ckpt: Mapping[str, Any], train: Sequence[Mapping[str, Any]], val: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The kept model's reconstruction quality on the healthy validation slices, beside the mean training image's.
+
+    The model's PSNR / SSIM are those its validation stored in ``model.pt``; the mean training image is scored on
+    the same slices with the same metrics (:class:`~monai_aeflow.engines.metrics.ReconstructionQuality`): a decoder
+    that learned only a grey blob scores about as well as that image.
+    """
+    stored = ckpt["config"].get("training", {}).get("metrics", {})
+    healthy = [item["image"].as_subclass(torch.Tensor) for item in val if int(item["slice_label"]) == 0]
+    out: dict[str, Any] = {"val_psnr": stored.get("val_psnr"), "val_ssim": stored.get("val_ssim")}
+    out["healthy_val_slices"] = len(healthy)
+    if healthy:
+        mean = torch.stack([item["image"].as_subclass(torch.Tensor) for item in train]).float().mean(0)
+        images = torch.stack(healthy).float()
+        quality = ReconstructionQuality()
+        quality.update(images, mean.expand_as(images))
+        blob = quality.compute()
+        out.update(mean_image_psnr=blob["psnr"], mean_image_ssim=blob["ssim"])
+    return out
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -153,7 +177,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
     Writes into ``cfg.output_dir``: ``data/`` (the cohort as NIfTI), ``model/`` (``model.pt``, resumable
     checkpoints, TensorBoard logs), ``results/<subject>_anomaly.nii.gz`` (same shape and affine as the
     input), ``results/<subject>_panel.png`` and ``results/metrics.json`` (AE-FLOW's test metrics, the intensity
-    baseline's on the same subjects, the encoder weights used and timings).
+    baseline's on the same subjects, the kept model's reconstruction PSNR / SSIM beside the mean training image's,
+    the encoder weights used and timings).
 
     Args:
         cfg: the demo settings.
@@ -208,6 +233,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
     say(f"[3/4] scoring the test volumes with AE-FLOW and the {BASELINE} baseline")
     model, ckpt = load_model(summary["model_path"], device)
     beta = ckpt["config"]["score"]["beta"]
+    reconstruction = _reconstruction(ckpt, data.train, val_items)
     baseline, _ = build_model(BASELINE, data.in_channels, data.image_size)
     baseline = baseline.to(device).eval()
     res_dir.mkdir(parents=True, exist_ok=True)
@@ -251,6 +277,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
         **ours,
         BASELINE: {"model": BASELINE, **theirs},
         "best_val_slice_auroc": summary.get("best_val_auroc"),
+        "reconstruction": reconstruction,
         "train_subjects": [str(r["subject_id"]) for r in data.splits["train"]],
         "train_slices": len(data.train),
         "train_slices_per_second": summary["images_per_second"],
@@ -272,6 +299,12 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
             f"      {name:<9} test slice AUROC {_fmt(m['slice_auroc'])} (all slices), "
             f"{_fmt(m['slice_auroc_healthy_subjects_vs_lesion_ge30px'])} (healthy subjects vs slices with >= 30 "
             f"lesion pixels); pixel AUROC (brain) {_fmt(m['pixel_auroc_brain'])}"
+        )
+    if reconstruction.get("val_psnr") is not None and reconstruction.get("mean_image_psnr") is not None:
+        say(
+            f"      reconstruction of the healthy validation slices: PSNR {reconstruction['val_psnr']:.1f} dB, SSIM "
+            f"{reconstruction['val_ssim']:.2f} (the mean training image: {reconstruction['mean_image_psnr']:.1f} dB, "
+            f"{reconstruction['mean_image_ssim']:.2f})"
         )
     say(f"      model:        {summary['model_path']}")
     for o in outputs:

@@ -104,3 +104,18 @@ def test_demo_aeflow_beats_the_intensity_baseline_on_test_slices(tmp_path):
     assert metrics["intensity"]["slice_auroc"] == pytest.approx(intensity, abs=1e-6)
     assert metrics["test_slices"] == len(labels)
     assert metrics["slice_auroc"] > intensity + 0.05, (metrics["slice_auroc"], intensity)
+
+    # reconstruction: the kept model's stored numbers, and the mean training image recomputed here with numpy
+    from monai_aeflow.data.slices import SliceDataset
+
+    rec = metrics["reconstruction"]
+    stored = load_model(metrics["model"])[1]["config"]["training"]["metrics"]
+    assert rec["val_psnr"] == pytest.approx(stored["val_psnr"]) and rec["val_ssim"] == pytest.approx(stored["val_ssim"])
+    mean = np.mean([np.asarray(item["image"]) for item in data.train], axis=0)
+    val = SliceDataset(data.val, min_area_fraction=cfg.min_brain_fraction, healthy_only=False)
+    healthy = [np.asarray(item["image"]) for item in val if int(item["slice_label"]) == 0]
+    psnr = np.mean([10 * np.log10(1.0 / np.mean((x - mean) ** 2)) for x in healthy])
+    assert rec["healthy_val_slices"] == len(healthy) > 0
+    assert rec["mean_image_psnr"] == pytest.approx(psnr, abs=1e-3)
+    # the decoder has learned more than the mean image (the "grey blob" would not)
+    assert rec["val_psnr"] > rec["mean_image_psnr"] + 2.0, rec

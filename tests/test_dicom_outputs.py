@@ -115,6 +115,19 @@ def test_dicom_out_writes_seg_and_parametric_map_matching_the_nifti_outputs(dico
     )
 
 
+def test_resume_keeps_dicom_outputs_and_refuses_a_group_without_them(dicom_case):
+    out = dicom_case["root"] / "out_resume"
+    assert _score(dicom_case["series"], dicom_case["model"], out).exit_code == 0  # NIfTI outputs only
+    res = _score(dicom_case["series"], dicom_case["model"], out, "--dicom-out", "--resume")
+    assert res.exit_code == 2 and "without its pmap file" in res.output and "Traceback" not in res.output
+    assert not (out / "case_series_pmap.dcm").exists()
+    assert _score(dicom_case["series"], dicom_case["model"], out, "--dicom-out", "--overwrite").exit_code == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    res = _score(dicom_case["series"], dicom_case["model"], out, "--dicom-out", "--resume")
+    assert res.exit_code == 0, res.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # kept as they were
+
+
 def test_dicom_out_refuses_an_input_that_is_not_a_dicom_series(small_volume_model, tmp_path):
     out = tmp_path / "out"
     res = _score(small_volume_model["lesioned"][0]["image"], small_volume_model["model"], out, "--dicom-out")

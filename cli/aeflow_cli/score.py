@@ -64,6 +64,7 @@ def _run(
     distributed: bool | None = None,
     compile_network: bool = False,
     score_threads: int | None = None,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
     from monai_aeflow.data.io import file_kind
     from monai_aeflow.errors import AEFlowInputError
@@ -73,6 +74,8 @@ def _run(
     from monai_aeflow.inference.outputs import lock_output_folder, remove_leftovers
     from monai_aeflow.inference.scorer import AnomalyScorer
 
+    if resume and overwrite:
+        raise AEFlowInputError("--resume keeps existing outputs and --overwrite replaces them: give one of them")
     inputs = expand_inputs(paths)
     if mask is not None and len(inputs) != 1:
         raise AEFlowInputError(f"--mask applies to one input, but {len(inputs)} inputs were given")
@@ -93,7 +96,7 @@ def _run(
     def claim() -> None:  # rank 0: the output folder first, created, writable and ours before the model loads
         held.append(lock_output_folder(out))
         summary = out / "summary.csv"
-        if len(inputs) > 1 and not overwrite and summary.exists():
+        if len(inputs) > 1 and not (overwrite or resume) and summary.exists():
             raise AEFlowInputError("output exists (use --overwrite to replace it)", path=summary)
 
     try:
@@ -133,6 +136,8 @@ def _run(
             lock=False,
             extra_outputs=extra_outputs,
             score_threads=score_threads,
+            resume=resume,
+            resume_requires=("pmap",) if dicom_out else (),
         )
         rows = gather_rows(rows, ctx, inputs)
         if len(rows) > 1 and ctx.rank == 0:
@@ -171,6 +176,13 @@ def _run(
     help="Brain mask of the (single) input; default: from nonzero voxels.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (per-input files and summary.csv).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Go on with an interrupted or extended run: keep each input's complete outputs when they were written with "
+    "this model file, threshold and post-processing (and the input is unchanged since), score the others, and "
+    "write summary.csv of all inputs; outputs that differ are errors (use --overwrite for those).",
+)
 @click.option(
     "--workers",
     type=click.IntRange(0),
@@ -246,6 +258,7 @@ def score(
     distributed: bool | None,
     compile_network: bool,
     score_threads: int | None,
+    resume: bool,
 ) -> None:
     """Score volumes and images: anomaly map, lesion mask, scores JSON and preview per input.
 
@@ -256,15 +269,18 @@ def score(
     inputs a summary.csv is written too. The exit code is 2 if any input failed; the others still complete.
 
     The output folder is checked (created, writable, not in use by another score run: it is locked) and an
-    existing summary.csv refused without --overwrite before the model is loaded. Each input's files are
-    written as a group, NAME_scores.json last: files that a killed run left without their scores JSON are
-    redone without --overwrite. An input whose header implies more than --max-voxels voxels, and a DICOM
+    existing summary.csv refused without --overwrite (or --resume) before the model is loaded. Each input's files
+    are written as a group, NAME_scores.json last: files that a killed run left without their scores JSON are
+    redone without --overwrite. --resume goes on with a killed or extended run: complete outputs written with
+    the same model file, threshold and post-processing are kept (their rows in summary.csv come from their
+    scores JSON), the other inputs are scored. An input whose header implies more than --max-voxels voxels, and a DICOM
     series with unreadable slice files or non-uniform slice spacing (unless --accept-irregular-series), fail
     before loading.
     """
     rows = run_guarded(
         _run, paths, model, out, device, batch_size, threshold, mask, overwrite, workers, not no_preview, quiet,
         max_voxels, accept_irregular_series, dicom_out, amp_dtype, distributed or None, compile_network, score_threads,
+        resume,
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) > 0:  # rank 0 reports the whole run and exits with its code
         return
@@ -280,6 +296,9 @@ def score(
     for r in rows:
         if r.get("note"):
             click.echo(f"{r['name']}: {r['note']}", err=True)
+    kept = sum(bool(r.get("resumed")) for r in rows)
+    if kept and not quiet:
+        click.echo(f"{kept} of {len(rows)} inputs kept their outputs from an earlier run (--resume)", err=True)
     for r in failed:
         click.echo(f"Error: {r['error']}", err=True)
     if failed:

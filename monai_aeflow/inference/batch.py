@@ -17,6 +17,7 @@ import torch
 from monai_aeflow.data.io import IMAGE_2D_SUFFIXES, file_kind, is_dicom_series_dir
 from monai_aeflow.errors import AEFlowInputError
 from monai_aeflow.inference.outputs import (
+    kept_outputs,
     lock_output_folder,
     output_name,
     output_paths,
@@ -108,6 +109,8 @@ def score_paths(
     extra_outputs: Callable[..., Mapping[str, Path]] | None = None,
     write_threads: int | None = None,
     score_threads: int | None = None,
+    resume: bool = False,
+    resume_requires: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Score many inputs: decoding in worker processes, the model in this one, writing in background threads.
 
@@ -136,15 +139,23 @@ def score_paths(
             compressing ``.nii.gz`` files). The rows keep the order of ``inputs``.
         score_threads: threads running the scorer, each on its own CUDA stream (None: 1, or
             :data:`ACCELERATOR_SCORE_THREADS` when the scorer runs on CUDA). The outputs do not depend on it.
+        resume: keep the complete outputs of an earlier run instead of failing on them, when they are what this
+            run would write (see :func:`~monai_aeflow.inference.outputs.kept_outputs`: same model file, threshold
+            and post-processing, files intact, input unchanged); their rows come from their scores JSON with
+            ``resumed`` True. Incompatible with ``overwrite``.
+        resume_requires: keys of ``output_files`` a kept group must hold (``("pmap",)`` with DICOM outputs).
 
     Returns:
         One dict per input: ``input``, ``name``, ``status`` (``"ok"`` or ``"error"``), ``error``,
         ``volume_score``, ``max_slice_score``, ``lesion_voxels``, ``lesion_volume_ml``, ``seconds``,
-        ``model_seconds``, ``outputs`` and, when incomplete outputs were replaced, ``note``.
+        ``model_seconds``, ``outputs``, ``resumed`` and, when incomplete outputs were replaced, ``note``.
 
     Raises:
-        AEFlowInputError: two inputs share an output name, or the output folder is not writable or in use.
+        AEFlowInputError: two inputs share an output name, the output folder is not writable or in use, or both
+            ``resume`` and ``overwrite`` are asked for.
     """
+    if resume and overwrite:
+        raise AEFlowInputError("--resume keeps existing outputs and --overwrite replaces them: give one of them")
     masks = dict(masks or {})
     names: dict[str, str] = {}
     for p in inputs:
@@ -168,6 +179,8 @@ def score_paths(
             extra_outputs,
             write_threads,
             score_threads,
+            resume,
+            resume_requires,
         )
     finally:
         if folder_lock is not None:
@@ -179,8 +192,10 @@ class _Loads(torch.utils.data.Dataset):
     (a message and whether it is the user's error: exceptions do not always survive the trip from a worker)."""
 
     def __init__(self, scorer: AnomalyScorer, inputs: Sequence[str | os.PathLike], out_root: Path, overwrite: bool,
-                 masks: Mapping[str, str | os.PathLike]) -> None:  # fmt: skip
+                 masks: Mapping[str, str | os.PathLike], resume: bool = False,
+                 resume_requires: Sequence[str] = ()) -> None:  # fmt: skip
         self.scorer, self.inputs, self.out_root, self.overwrite, self.masks = scorer, inputs, out_root, overwrite, masks
+        self.resume, self.resume_requires = resume, tuple(resume_requires)
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -189,10 +204,20 @@ class _Loads(torch.utils.data.Dataset):
         path = self.inputs[i]
         start = time.perf_counter()
         item: dict[str, Any] = {"index": i, "data": None, "error": None, "user_error": False, "incomplete": False}
+        item["kept"] = None
         try:
             kind = "image2d" if str(path).lower().endswith(IMAGE_2D_SUFFIXES) else "volume"
             state = output_state(output_name(path), self.out_root, kind)
             item["incomplete"] = state == "incomplete"
+            if state == "complete" and self.resume and not self.overwrite:
+                sc = self.scorer
+                pp = sc.postprocess_config.to_dict()
+                item["kept"] = kept_outputs(
+                    output_name(path), self.out_root, kind, path, sc.identity["model_sha256"], sc.threshold, pp,
+                    self.resume_requires,
+                )  # fmt: skip
+                item["load_seconds"] = time.perf_counter() - start
+                return item
             if state == "complete" and not self.overwrite:
                 dest = next(p for p in output_paths(output_name(path), self.out_root, kind).values() if p.exists())
                 raise AEFlowInputError("output exists (use --overwrite to replace it)", path=dest)
@@ -208,6 +233,14 @@ def _failure(exc: BaseException) -> dict[str, Any]:
     ``error`` (the message, prefixed with the exception type for anything else)."""
     user = isinstance(exc, AEFlowInputError)
     return {"user_error": user, "error": str(exc) if user else f"{type(exc).__name__}: {exc}"}
+
+
+def _kept_row(scores: Mapping[str, Any]) -> dict[str, Any]:
+    """The row of an input whose earlier outputs a resumed run keeps, from their scores JSON."""
+    row = {k: scores.get(k) for k in ("volume_score", "max_slice_score", "lesion_voxels", "lesion_volume_ml")}
+    timing = dict(scores.get("timing") or {})
+    return {**row, "status": "ok", "resumed": True, "model_seconds": timing.get("model_seconds"),
+            "outputs": dict(scores.get("outputs") or {})}  # fmt: skip
 
 
 def _image_group_size(scorer: AnomalyScorer, image: torch.Tensor) -> int:
@@ -247,6 +280,8 @@ def _score_locked(
     extra_outputs: Callable[..., Mapping[str, Path]] | None = None,
     write_threads: int | None = None,
     score_threads: int | None = None,
+    resume: bool = False,
+    resume_requires: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
@@ -260,7 +295,7 @@ def _score_locked(
     remove_leftovers(out_root, names)
     queue = list(inputs)
     loader = torch.utils.data.DataLoader(
-        _Loads(scorer, queue, out_root, overwrite, masks),
+        _Loads(scorer, queue, out_root, overwrite, masks, resume, resume_requires),
         batch_size=None,
         collate_fn=_as_is,
         num_workers=max(0, workers),
@@ -365,10 +400,14 @@ def _score_locked(
             for item in loader:
                 path = queue[item["index"]]
                 row: dict[str, Any] = {"input": str(path), "name": output_name(path), "status": "error", "error": None}
-                row["seconds"] = item["load_seconds"]
+                row.update(seconds=item["load_seconds"], resumed=False)
                 rows.append(row)
                 if item["error"] is not None:
                     row.update(error=item["error"], user_error=item["user_error"])
+                    tick()
+                    continue
+                if item["kept"] is not None:
+                    row.update(_kept_row(item["kept"]))
                     tick()
                     continue
                 if item["data"]["kind"] == "image2d" and warm:

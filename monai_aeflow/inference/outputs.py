@@ -2,7 +2,8 @@
 
 :func:`write_outputs` writes the NIfTI map, the binary lesion mask, the JSON of scores and a PNG preview of a
 :class:`~monai_aeflow.inference.result.ScoreResult` as one group (the JSON last, as the commit marker);
-:func:`output_state` tells a complete group from one an interrupted run left behind.
+:func:`output_state` tells a complete group from one an interrupted run left behind, and :func:`kept_outputs` checks
+that a complete group is what a resumed run would write.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SCORE_LOCK_NAME",
+    "kept_outputs",
     "lock_output_folder",
     "output_name",
     "output_paths",
@@ -144,6 +146,77 @@ def output_state(name: str, out_dir: str | os.PathLike, kind: str = "volume") ->
             pass
         return "incomplete"
     return "incomplete" if any(p.exists() for p in paths.values()) else "absent"
+
+
+def _input_mtime(path: Path) -> float:
+    """The newest modification time of an input: the file, or a DICOM series folder and the files in it."""
+    times = [path.stat().st_mtime]
+    if path.is_dir():
+        times += [entry.stat().st_mtime for entry in path.iterdir() if entry.is_file()]
+    return max(times)
+
+
+def kept_outputs(
+    name: str,
+    out_dir: str | os.PathLike,
+    kind: str,
+    source: str | os.PathLike,
+    model_sha256: str,
+    threshold: float | None,
+    postprocessing: Mapping[str, Any],
+    required: Iterable[str] = (),
+) -> dict[str, Any]:
+    """The scores of a complete output group that a resumed run keeps instead of scoring its input again.
+
+    The group is kept only if it is what this run would write: made with the same model file (its SHA-256), the
+    same threshold and post-processing, every file its scores JSON lists still there with its recorded size, and
+    the input not modified after the scores JSON was written.
+
+    Args:
+        name: the output name (see :func:`output_name`).
+        out_dir: the output folder.
+        kind: ``"volume"`` or ``"image2d"``.
+        source: the input file or DICOM series folder.
+        model_sha256: SHA-256 of this run's model file.
+        threshold: this run's binarisation threshold (None: no lesion mask).
+        postprocessing: this run's post-processing parameters (``PostprocessConfig.to_dict()``).
+        required: keys of files this run writes that the group must hold too (e.g. ``"pmap"`` with DICOM outputs).
+
+    Returns:
+        The stored scores (the parsed ``NAME_scores.json``).
+
+    Raises:
+        AEFlowInputError: the group differs from what this run would write; the message names the scores file,
+            the difference and ``--overwrite``.
+    """
+    scores_path = output_paths(name, out_dir, kind)["scores"]
+    scores = json.loads(scores_path.read_text(encoding="utf-8"))
+    hint = "; use --overwrite to score it again"
+    model = dict(scores.get("model") or {})
+    if model.get("model_sha256") != model_sha256:
+        raise AEFlowInputError(f"was written with another model file ({model.get('model_file')}){hint}", scores_path)
+    if scores.get("threshold") != threshold:
+        raise AEFlowInputError(
+            f"was written with threshold {scores.get('threshold')}, this run uses {threshold}{hint}", scores_path
+        )
+    if scores.get("postprocessing") != json.loads(json.dumps(dict(postprocessing))):
+        raise AEFlowInputError(f"was written with other post-processing settings{hint}", scores_path)
+    files = dict(scores.get("output_files") or {})
+    missing = [key for key in required if key not in files]
+    if missing:
+        raise AEFlowInputError(
+            f"was written without its {', '.join(missing)} file, which this run writes{hint}", scores_path
+        )
+    for entry in files.values():
+        path = Path(out_dir) / str(entry.get("name"))
+        if not path.is_file() or path.stat().st_size != entry.get("bytes"):
+            raise AEFlowInputError(
+                f"lists {entry.get('name')} ({entry.get('bytes')} bytes), which is missing or has another size{hint}",
+                scores_path,
+            )
+    if _input_mtime(Path(source)) > scores_path.stat().st_mtime:
+        raise AEFlowInputError(f"is older than its input {source}, modified since it was scored{hint}", scores_path)
+    return scores
 
 
 def remove_leftovers(out_dir: str | os.PathLike, names: Iterable[str], files: Iterable[str] = ()) -> list[str]:

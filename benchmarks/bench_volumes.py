@@ -6,11 +6,14 @@ post-processing (on the scorer's device), and writing in a background thread. Re
 whole run (after one warm-up volume), the time split per stage summed over the volumes (decode runs in the
 workers, so it overlaps the rest), wall time over network time (the target on CPU: <= 1.3), the peak GPU
 memory, and optionally a ``torch.profiler`` summary of one volume (``--profile``) and a :mod:`cProfile` of the scoring
-thread's host time with its CPU time per volume (``--host-profile N``).
+thread's host time with its CPU time per volume (``--host-profile N``). ``--gil-probe`` adds how long a thread that
+wakes up every millisecond waits for the GIL during each run against the same probe on an idle process: near the
+interpreter's switch interval (5 ms) the GIL is held all the time, so host-side Python bounds the run.
 
-Several scoring / writer thread counts can be run one after the other on the same inputs and model
-(``--score-threads 1,2 --write-threads 4,8``: every combination, one entry of ``runs`` each); the output files of
-every run must be the same bytes (``outputs_identical_across_runs``). ``--sources`` takes
+Several scoring / writer thread counts and batch sizes can be run one after the other on the same inputs and model
+(``--score-threads 1,2 --write-threads 4,8 --batch-size 32,64``: every combination, one entry of ``runs`` each);
+the output files of every run with one batch size must be the same bytes (``outputs_identical_across_runs``;
+another batch size may take other kernels). ``--sources`` takes
 real ``.nii.gz`` volumes (a glob) to copy instead of generated ones, e.g. the BraTS cases beside the repository.
 
 Usage::
@@ -24,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import itertools
@@ -33,6 +37,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -147,21 +152,68 @@ def host_profile(scorer: AnomalyScorer, images: list[Path], top: int = 25) -> di
     }
 
 
+class GilProbe:
+    """A thread that sleeps ``period`` seconds at a time and records how much later than asked it runs again: the
+    wait for the GIL (plus the scheduler's wake-up, which the idle baseline measures)."""
+
+    def __init__(self, period: float = 0.001) -> None:
+        self.period = period
+        self.lags: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gil-probe", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            time.sleep(self.period)
+            self.lags.append(time.perf_counter() - t0 - self.period)
+
+    def __enter__(self) -> GilProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        """Mean, median, 95th percentile and maximum lag in milliseconds, and the number of wake-ups."""
+        lags = sorted(self.lags) or [0.0]
+        n = len(lags)
+        return {
+            "wakeups": len(self.lags),
+            "mean_ms": 1e3 * sum(lags) / n,
+            "median_ms": 1e3 * lags[n // 2],
+            "p95_ms": 1e3 * lags[min(n - 1, int(0.95 * n))],
+            "max_ms": 1e3 * lags[-1],
+        }
+
+
+def idle_gil_lag(seconds: float = 1.0) -> dict:
+    """The probe's lag in this process with nothing else running (the scheduler's own wake-up delay)."""
+    with GilProbe() as probe:
+        time.sleep(seconds)
+    return probe.summary()
+
+
 def _ints(text: str | None) -> list[int | None]:
     return [None] if text is None else [int(v) for v in text.split(",")]
 
 
 def timed_run(scorer: AnomalyScorer, inputs: list[Path], out: Path, args: argparse.Namespace, workers: int,
-              write_threads: int | None, score_threads: int | None) -> dict:  # fmt: skip
+              write_threads: int | None, score_threads: int | None, batch_size: int | None = None) -> dict:  # fmt: skip
     """One sustained run over ``inputs``: volumes/s and the time split per stage."""
     device = scorer.device
+    scorer.batch_size = batch_size if batch_size is not None else args.default_batch_size
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    probe = GilProbe() if args.gil_probe else contextlib.nullcontext()
     start = time.perf_counter()
-    rows = score_paths(scorer, inputs, out, preview=args.preview, workers=workers, progress=False,
-                       write_threads=write_threads, score_threads=score_threads)  # fmt: skip
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    with probe:
+        rows = score_paths(scorer, inputs, out, preview=args.preview, workers=workers, progress=False,
+                           write_threads=write_threads, score_threads=score_threads)  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
     ok = [r for r in rows if r["status"] == "ok"]
     split = {
@@ -171,6 +223,7 @@ def timed_run(scorer: AnomalyScorer, inputs: list[Path], out: Path, args: argpar
     run = {
         "score_threads": score_threads,
         "write_threads": write_threads,
+        "batch_size": scorer.batch_size,
         "volumes": len(rows),
         "ok": len(ok),
         "errors": sorted({str(r.get("error")) for r in rows if r["status"] != "ok"})[:3],
@@ -190,6 +243,8 @@ def timed_run(scorer: AnomalyScorer, inputs: list[Path], out: Path, args: argpar
         run["scored_slices_per_volume"] = first["scored_slices"]
     if device.type == "cuda":
         run["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if isinstance(probe, GilProbe):
+        run["gil_probe"] = probe.summary()
     digest = hashlib.sha256()  # of every output file: runs with other thread counts must write the same bytes
     hashed = [f for f in sorted(out.rglob("*")) if f.is_file() and not f.name.endswith("_scores.json")]  # timings
     for f in hashed:
@@ -231,7 +286,12 @@ def main() -> None:
         help="add a cProfile of the scoring thread's host time over N decoded volumes (0: none)",
     )
     parser.add_argument("--preview", action="store_true", help="write the PNG previews too")
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument(
+        "--batch-size", default=None, help="slices per forward pass, comma-separated (default: the scorer's)"
+    )
+    parser.add_argument(
+        "--gil-probe", action="store_true", help="measure the GIL wait of a thread waking every 1 ms (see GilProbe)"
+    )
     parser.add_argument("--amp-dtype", default=None, choices=["bfloat16", "float16", "none"])
     parser.add_argument("--shape", default="240,240,155")
     parser.add_argument("--profile", action="store_true", help="add a torch.profiler summary of one volume")
@@ -253,18 +313,23 @@ def main() -> None:
             shape = tuple(int(v) for v in nib.load(inputs[0]).shape[:3])
         model = make_model(work, args.backbone, (max(shape[:2]) + 15) // 16 * 16)
         compile_arg = args.compile_mode or args.compile
+        batch_sizes = _ints(args.batch_size)
         scorer = AnomalyScorer(
-            model, device=device, batch_size=args.batch_size, amp_dtype=args.amp_dtype, compile=compile_arg
+            model, device=device, batch_size=batch_sizes[0], amp_dtype=args.amp_dtype, compile=compile_arg
         )
+        args.default_batch_size = None
         t0 = time.perf_counter()
         score_paths(scorer, inputs[:1], work / "warmup", preview=False, workers=0, progress=False)
         warmup_s = time.perf_counter() - t0
         runs = []
-        for i, (s, w) in enumerate(itertools.product(_ints(args.score_threads), _ints(args.write_threads))):
+        combos = itertools.product(batch_sizes, _ints(args.score_threads), _ints(args.write_threads))
+        for i, (b, s, w) in enumerate(combos):
             try:
-                runs.append(timed_run(scorer, inputs[1:], work / f"out{i}", args, workers, w, s))
+                runs.append(timed_run(scorer, inputs[1:], work / f"out{i}", args, workers, w, s, b))
             except Exception as exc:  # one failing combination (e.g. CUDA graphs across threads) leaves the others
-                runs.append({"score_threads": s, "write_threads": w, "failed": f"{type(exc).__name__}: {exc}"})
+                runs.append(
+                    {"batch_size": b, "score_threads": s, "write_threads": w, "failed": f"{type(exc).__name__}: {exc}"}
+                )
         done = [r for r in runs if "failed" not in r]
         report = {
             "benchmark": "volumes",
@@ -287,10 +352,18 @@ def main() -> None:
             "warmup_seconds": warmup_s,
             "runs": runs,
         }
-        report["outputs_identical_across_runs"] = len({r["outputs_sha256"] for r in done}) == 1 if done else None
+        report["outputs_identical_across_runs"] = (
+            len({(r["batch_size"], r["outputs_sha256"]) for r in done}) == len({r["batch_size"] for r in done})
+            if done
+            else None
+        )
         if done:
             best = max(done, key=lambda r: r["volumes_per_second"])
-            report["best"] = {k: best[k] for k in ("score_threads", "write_threads", "volumes_per_second")}
+            report["best"] = {
+                k: best[k] for k in ("batch_size", "score_threads", "write_threads", "volumes_per_second")
+            }
+        if args.gil_probe:
+            report["gil_probe_idle"] = idle_gil_lag()
         if args.profile:
             report["profile_one_volume"] = profile_one(scorer, inputs[0])
         if args.host_profile:

@@ -16,8 +16,8 @@
 # of ../shared/data/brats2015_dev in an ignored folder, carried with the run) instead.
 #
 # Run (repository root):  STEPS="volumes_brats maps" bash benchmarks/gpu_session.sh
-#   (steps: checks score volumes compile volumes_brats volumes_compile host_profile volumes_switch volumes_graphs maps
-#   multi_gpu)
+#   (steps: checks score volumes compile volumes_brats volumes_compile host_profile volumes_gil volumes_switch
+#   volumes_graphs maps multi_gpu)
 #   (default STEPS: checks score volumes compile multi_gpu; VOLUMES=40 for a shorter sustained run)
 set -u
 cd "$(dirname "$0")/.."
@@ -71,6 +71,11 @@ want volumes_compile && step volumes_compile 120 python3 benchmarks/bench_volume
 want host_profile && step host_profile 150 python3 benchmarks/bench_volumes.py --device cuda --volumes 20 \
   --backbone wide_resnet50_2 --workers 12 --sources "$BRATS/*/Flair*.nii.gz" --score-threads 1 --write-threads 4 \
   --host-profile 20
+# 3d. whether the GIL bounds the run (a thread waking every 1 ms waits near the 5 ms switch interval when the GIL is
+#     always held) and whether fewer, larger batches per volume (fewer launches from Python) lift it
+want volumes_gil && step volumes_gil 170 python3 benchmarks/bench_volumes.py --device cuda --volumes "${VOLUMES:-100}" \
+  --backbone wide_resnet50_2 --workers 12 --sources "$BRATS/*/Flair*.nii.gz" --score-threads 2 --write-threads 4 \
+  --batch-size 32,64,160 --gil-probe
 want volumes_switch && step volumes_switch 120 python3 benchmarks/bench_volumes.py --device cuda --volumes "${VOLUMES:-100}" \
   --backbone wide_resnet50_2 --workers 12 --sources "$BRATS/*/Flair*.nii.gz" --score-threads 2,3 --write-threads 4 \
   --switch-interval 0.0005

@@ -6,6 +6,7 @@ from monai_aeflow.inference.outputs import output_name, output_paths, write_outp
 from monai_aeflow.inference.result import ScoreResult
 from monai_aeflow.inference.scorer import AnomalyScorer
 from monai_aeflow.inference.volume import (
+    FittingBatch,
     VolumeResult,
     default_batch_size,
     pad_to_multiple,
@@ -16,6 +17,7 @@ from monai_aeflow.inference.volume import (
 
 __all__ = [
     "AnomalyScorer",
+    "FittingBatch",
     "ScoreResult",
     "VolumeResult",
     "default_batch_size",

@@ -36,7 +36,7 @@ from monai_aeflow.inference.model_file import BUNDLE_MODEL_FILES, preprocessing_
 from monai_aeflow.inference.outputs import _KINDS, _sha256, output_name
 from monai_aeflow.inference.postprocess_torch import lesion_mask_on, lesion_mask_torch
 from monai_aeflow.inference.result import VOLUME_SCORE_METHOD, ScoreResult, finite_list, map_sums
-from monai_aeflow.inference.volume import score_slices, score_volume_on, to_host
+from monai_aeflow.inference.volume import FittingBatch, score_slices, score_volume_on, to_host
 from monai_aeflow.visualize import most_anomalous_slices
 
 __all__ = [
@@ -65,7 +65,8 @@ class AnomalyScorer:
         model: a model file or a bundle folder (``models/model.pt``).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         batch_size: slices per forward pass (``None``: 32 on CUDA, about 262k pixels per batch on CPU, see
-            :func:`~monai_aeflow.inference.default_batch_size`).
+            :func:`~monai_aeflow.inference.default_batch_size`); halved when the device runs out of memory (see
+            :class:`~monai_aeflow.inference.volume.FittingBatch`).
         threshold: binarisation threshold of the post-processed map (default: the model's, if any).
         amp: autocast on CUDA (default: on); see ``amp_dtype``.
         amp_dtype: autocast dtype, ``"bfloat16"`` (the CUDA default), ``"float16"`` or ``"none"``; None: the
@@ -124,7 +125,7 @@ class AnomalyScorer:
         self.beta = float(score_cfg.get("beta", 0.9))
         self.map_kind = str(score_cfg.get("map_kind", "residual"))
         self.in_channels = int(config["model"].get("in_channels", 1))
-        self.batch_size = None if batch_size is None else int(batch_size)
+        self._batch = FittingBatch(None if batch_size is None else int(batch_size), self.device)
         self.amp = amp
         self.amp_dtype = resolve_amp_dtype(amp_dtype, self.device, amp)
         self.postprocess_device = str(postprocess_device or self.device)
@@ -150,6 +151,15 @@ class AnomalyScorer:
             "score": {"beta": self.beta, "map_kind": self.map_kind},
             "format": self.checkpoint.get("format"),
         }
+
+    @property
+    def batch_size(self) -> int | None:
+        """Slices per forward pass (None: the device's default); halved when the device runs out of memory."""
+        return self._batch.size
+
+    @batch_size.setter
+    def batch_size(self, value: int | None) -> None:
+        self._batch.size = value
 
     # -- preprocessing -------------------------------------------------------------------------------------
     def pipeline(self, kind: str) -> Callable[[dict], dict]:
@@ -318,15 +328,18 @@ class AnomalyScorer:
         brain = torch.from_numpy(brain_np).to(self._after, non_blocking=True)
         if keep.size:
             res = self._timed_model(
-                lambda: score_volume_on(
-                    self.network,
-                    image.as_subclass(torch.Tensor),
-                    slices=keep,
-                    batch_size=self.batch_size,
-                    beta=self.beta,
-                    map_kind=self.map_kind,
-                    amp_dtype=self.amp_dtype or "none",
-                    output_device=self._after,
+                lambda: self._batch.run(
+                    lambda batch: score_volume_on(
+                        self.network,
+                        image.as_subclass(torch.Tensor),
+                        slices=keep,
+                        batch_size=batch,
+                        beta=self.beta,
+                        map_kind=self.map_kind,
+                        amp_dtype=self.amp_dtype or "none",
+                        output_device=self._after,
+                    ),
+                    *image.shape[1:3],
                 ),
                 timings,
             )
@@ -366,8 +379,11 @@ class AnomalyScorer:
 
     def _image_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The network's outputs (:func:`score_slices`, on the host) for a ``(N, C, H, W)`` stack of images."""
-        return score_slices(
-            self.network, images, self.batch_size, self.beta, self.map_kind, amp_dtype=self.amp_dtype or "none"
+        return self._batch.run(
+            lambda batch: score_slices(
+                self.network, images, batch, self.beta, self.map_kind, amp_dtype=self.amp_dtype or "none"
+            ),
+            *images.shape[-2:],
         )
 
     def _score_image(self, data: Mapping[str, Any], timings: dict[str, float]) -> ScoreResult:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -14,6 +18,7 @@ from monai_aeflow.models import spec_of
 from monai_aeflow.scores import combined_score, recon_score
 
 __all__ = [
+    "FittingBatch",
     "VolumeResult",
     "default_batch_size",
     "pad_to_multiple",
@@ -27,6 +32,8 @@ CPU_BATCH_PIXELS = 262_144
 """Pixels per batch on CPU (e.g. 16 slices of 128 x 128, 4 of 240 x 240): larger batches stop fitting the caches
 and get slower (measured with ``benchmarks/bench_score.py``)."""
 CUDA_BATCH_SIZE = 32
+
+T = TypeVar("T")
 
 
 def default_batch_size(device: torch.device | str, height: int, width: int) -> int:
@@ -44,6 +51,59 @@ def default_batch_size(device: torch.device | str, height: int, width: int) -> i
         return CUDA_BATCH_SIZE
     n = max(1, CPU_BATCH_PIXELS // max(1, height * width))
     return int(min(64, 2 ** int(np.floor(np.log2(n)))))
+
+
+class FittingBatch:
+    """A batch size that halves when the device runs out of memory, and stays halved.
+
+    Another process may hold part of a shared GPU, or a wider model may not fit the default batch: rather than
+    failing every input, the input is scored again with half the slices per forward pass (down to 1), and the
+    inputs that follow keep the smaller batch. Several threads that fail at once halve it once.
+
+    Args:
+        size: slices per forward pass (None: :func:`default_batch_size` of the device and slice size).
+        device: where the network runs.
+    """
+
+    def __init__(self, size: int | None, device: torch.device | str) -> None:
+        self.size = size
+        self.device = torch.device(device)
+        self._lock = threading.Lock()
+
+    def run(self, fn: Callable[[int | None], T], height: int, width: int) -> T:
+        """``fn(batch_size)``, run again with half the batch for as long as the device runs out of memory.
+
+        Args:
+            fn: the work, given the batch size (None: the device's default).
+            height: slice height (for the default batch size).
+            width: slice width.
+
+        Returns:
+            What ``fn`` returns.
+
+        Raises:
+            torch.OutOfMemoryError: even one slice per forward pass does not fit.
+        """
+        while True:
+            tried = self.size
+            try:
+                return fn(tried)
+            except torch.OutOfMemoryError:
+                current = tried or default_batch_size(self.device, height, width)
+                if current <= 1:
+                    raise
+            # outside the except block, so that the failed batch's tensors (held by the traceback) are released
+            with self._lock:
+                if self.size == tried:
+                    self.size = current // 2
+                    warnings.warn(
+                        f"{self.device} ran out of memory at {current} slices per forward pass: scoring with "
+                        f"{self.size} from now on (--batch-size)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def to_host(*tensors: torch.Tensor | None) -> list[np.ndarray | None]:

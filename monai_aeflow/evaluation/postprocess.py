@@ -57,7 +57,7 @@ class PostprocessConfig:
             (volume or 2D image) with the median and interquartile range of its brain voxels,
             ``(m - median) / IQR``, so that the validation threshold transfers to scans whose maps are on another
             scale (other scanner, contrast or noise). On the BraTS dev protocol it lifted the intensity baseline
-            and AE-FLOW on FLAIR at 2 mm but not in every setting (README): an option, not the default. See
+            and AE-FLOW on FLAIR at 2 mm but not in every setting (docs/studies.md): an option, not the default. See
             :func:`normalize_map`.
         residual: ``"positive"`` keeps ``max(r, 0)``, ``"absolute"`` keeps ``|r|`` of the signed residual
             ``r = x - x'`` (a map that is already non-negative is unchanged by either). After ``robust``

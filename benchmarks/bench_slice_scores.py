@@ -136,7 +136,9 @@ def synthetic_run(seed: int, out: Path) -> dict[str, float]:
     from monai_aeflow.inference import AnomalyScorer
 
     folder = out / f"demo_seed{seed}"
-    metrics = run_demo(DemoConfig(output_dir=str(folder), seed=seed, progress=False), say=lambda _: None)
+    metrics = run_demo(
+        DemoConfig(output_dir=str(folder), seed=seed, progress=False, overwrite=True), say=lambda _: None
+    )
     scorer = AnomalyScorer(metrics["model"], device="cpu")
     used = set(metrics["train_subjects"]) | set(metrics["test_subjects"])
     data = folder / "data"

@@ -45,13 +45,19 @@ from monai_aeflow.data.datalists import (  # noqa: F401  (private names re-expor
     prepare_data,
 )
 from monai_aeflow.engines.run import parse_assignments, run_training, train_model
-from monai_aeflow.engines.workflow import check_output_dir, clear_previous_run, previous_run_files, resolve_device
+from monai_aeflow.engines.workflow import (
+    check_optimizer_settings,
+    check_output_dir,
+    clear_previous_run,
+    previous_run_files,
+    resolve_device,
+)
 from monai_aeflow.errors import AEFlowInputError
 from monai_aeflow.evaluation.checkpoint import save_reconstruction_quality
 from monai_aeflow.evaluation.pipeline import EvaluationConfig, result_to_json
 from monai_aeflow.evaluation.postprocess import PostprocessConfig
 from monai_aeflow.evaluation.scoring import _plain, evaluate_model, score_cases  # noqa: F401
-from monai_aeflow.fileio import atomic_write_json, atomic_write_text, to_jsonable
+from monai_aeflow.fileio import atomic_write_json, atomic_write_text, make_folder, to_jsonable
 from monai_aeflow.models import (
     BUILTIN_MODELS,
     MODELS,
@@ -267,8 +273,7 @@ def write_comparison(rows: Sequence[Mapping[str, Any]], output_dir: str | Path, 
     Returns:
         ``{"markdown": path, "csv": path}``.
     """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(output_dir)
     md = "# Model comparison\n\n" + comparison_table(rows) + "\n" + (f"\n{notes}\n" if notes else "")
     columns: list[str] = []
     for r in rows:
@@ -358,6 +363,7 @@ def run_comparison(cfg: CompareConfig, say: Callable[[str], None] = logger.info)
             raise AEFlowInputError(f"options given for {name!r}, which is not compared")
     for name in names:
         check_model_args(name, cfg.model_args.get(name))
+    check_optimizer_settings(cfg.lr, cfg.weight_decay)
     out = Path(cfg.output_dir)
     device = resolve_device(cfg.device)
     _check_comparison_dir(out, cfg.overwrite)

@@ -113,3 +113,28 @@ def _int_list(lengths: Sequence[int], lo: int, hi: int) -> Check:
 
 def _anything(v: Any) -> str | None:
     return None
+
+
+def check_value(name: str, value: Any, lo: float | None = None, lo_open: bool = False, optional: bool = False) -> None:
+    """Refuse an option value that is not a finite number (not a bool) of at least ``lo`` (above it when
+    ``lo_open``); ``None`` passes when ``optional``.
+
+    Args:
+        name: how the user gave it (``"--lr"``, ``"threshold"``): named in the message.
+        value: the value.
+        lo: the lower bound, or None.
+        lo_open: exclude ``lo`` itself.
+        optional: accept ``None``.
+
+    Raises:
+        AEFlowInputError: ``"<name> <value>: expected a number in [lo, inf)"``.
+    """
+    from monai_aeflow.errors import AEFlowInputError
+
+    if optional and value is None:
+        return
+    problem = _number(lo, None, lo_open)(value)
+    if problem is not None and lo is None:
+        problem = "expected a finite number"
+    if problem is not None:
+        raise AEFlowInputError(f"{name} {value!r}: {problem}")

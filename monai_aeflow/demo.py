@@ -9,6 +9,7 @@ test subjects, beside AE-FLOW.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -25,9 +26,14 @@ from monai_aeflow.data.datalists import DataConfig, SyntheticCohortConfig, prepa
 from monai_aeflow.data.slices import SliceDataset, select_slices
 from monai_aeflow.engines.metrics import ReconstructionQuality
 from monai_aeflow.engines.run import train_model
-from monai_aeflow.engines.workflow import resolve_device
+from monai_aeflow.engines.workflow import (
+    check_optimizer_settings,
+    clear_previous_run,
+    previous_run_files,
+    resolve_device,
+)
 from monai_aeflow.errors import AEFlowInputError
-from monai_aeflow.fileio import atomic_write_json, save_nifti
+from monai_aeflow.fileio import atomic_write_json, make_folder, save_nifti
 from monai_aeflow.inference.volume import score_volume
 from monai_aeflow.models import build_model, describe_encoder_weights
 from monai_aeflow.visualize import most_anomalous_slices, save_slice_panel
@@ -69,6 +75,8 @@ class DemoConfig:
             data lists' default).
         seed: seed of data generation, of the split and of training.
         progress: show progress bars.
+        overwrite: replace a previous demo run in ``output_dir`` (its model, checkpoints and results); without
+            it such a folder is refused before anything is written.
     """
 
     output_dir: str = "aeflow_demo"
@@ -88,6 +96,7 @@ class DemoConfig:
     min_brain_fraction: float = DataConfig.min_area_fraction
     seed: int = 0
     progress: bool = True
+    overwrite: bool = False
 
     def data_config(self) -> DataConfig:
         """The data lists' settings of the demo's cohort (:func:`~monai_aeflow.data.datalists.prepare_data`)."""
@@ -188,14 +197,42 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
         The metrics written to ``metrics.json``.
 
     Raises:
-        AEFlowInputError: in-plane sizes that are not multiples of 16, or encoder weights that cannot be loaded.
+        AEFlowInputError: in-plane sizes that are not multiples of 16, a learning rate that is not a positive number,
+            an output folder that cannot be created or holds a previous demo run (without ``cfg.overwrite``), or
+            encoder weights that cannot be loaded (nothing is left behind then).
     """
     t0 = time.perf_counter()
     out = Path(cfg.output_dir)
     model_dir, res_dir = out / "model", out / "results"
     if any(s % 16 for s in cfg.shape[:2]):
         raise AEFlowInputError(f"in-plane shape {tuple(cfg.shape[:2])} must be multiples of 16")
+    check_optimizer_settings(cfg.lr, 0.0)
     device = resolve_device(cfg.device)
+    previous = [p for p in (model_dir / "model.pt", res_dir / "metrics.json") if p.exists()]
+    previous += previous_run_files(model_dir)
+    if previous and not cfg.overwrite:
+        raise AEFlowInputError(
+            f"holds a previous demo run ({previous[0].relative_to(out)}); use --overwrite to replace it", path=out
+        )
+    created = [p for p in (out, out / "data") if not p.exists()]
+    make_folder(out)
+    if cfg.overwrite:
+        clear_previous_run(model_dir)
+    try:
+        return _run(cfg, say, t0, device)
+    except AEFlowInputError:  # e.g. encoder weights that cannot be loaded: leave nothing behind
+        if not (model_dir / "model.pt").exists():
+            for folder in created:
+                if folder.is_dir():
+                    shutil.rmtree(folder, ignore_errors=True)
+                    break
+        raise
+
+
+def _run(cfg: DemoConfig, say: Callable[[str], None], t0: float, device: torch.device) -> dict[str, Any]:
+    """:func:`run_demo` once its settings and output folder are checked."""
+    out = Path(cfg.output_dir)
+    model_dir, res_dir = out / "model", out / "results"
     data_cfg = cfg.data_config()
 
     n_healthy = cfg.n_train + cfg.n_val_healthy + cfg.n_test_healthy

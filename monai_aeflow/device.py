@@ -17,12 +17,36 @@ cannot overflow (float16 overflows beyond 65504, e.g. in the flow of Wide-ResNet
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    """The torch device of a ``--device`` value, checked to be there.
+
+    Args:
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or another
+            accelerator torch knows (``"mps"``, ``"xpu"``) when this machine has it.
+
+    Returns:
+        The device.
+
+    Raises:
+        AEFlowInputError: an unknown device name, an accelerator this machine lacks (or a ``cuda:N`` beyond its
+            GPUs), or a device that holds no data (``meta``).
+    """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise AEFlowInputError(f"--device {device!r}: not a device (use auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise AEFlowInputError("CUDA was requested but no CUDA device is available; use --device cpu")
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if dev.type == "meta" or not callable(available) or not available():
+        raise AEFlowInputError(f"--device {device!r}: this machine has no such device (use auto, cpu or cuda)")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise AEFlowInputError(f"--device {device!r}: this machine has {count()} {dev.type} device(s)")
     return dev
 
 

@@ -43,7 +43,7 @@ from monai_aeflow.bundle import AnomalyMapNet
 from monai_aeflow.checkpoint import load_model
 from monai_aeflow.data.preprocessing import build_image_preprocessing, build_volume_preprocessing
 from monai_aeflow.errors import AEFlowInputError
-from monai_aeflow.fileio import atomic_write, atomic_write_json
+from monai_aeflow.fileio import atomic_write, atomic_write_json, make_folder
 from monai_aeflow.inference.model_file import resolve_model_path
 from monai_aeflow.networks.efficientnet_lite import SameConv2d
 
@@ -373,8 +373,9 @@ def export_model(
     out = Path(out)
     fmt = export_format_for(out, fmt)
     meta_path = metadata_path(out)
-    if out.is_dir():
-        raise AEFlowInputError("is a folder; give the file to write", path=out)
+    for path in (out, meta_path):
+        if path.is_dir():
+            raise AEFlowInputError("is a folder; give the file to write", path=path)
     if not overwrite:
         for path in (out, meta_path):
             if path.exists():
@@ -402,7 +403,7 @@ def export_model(
         except ExportError as err:
             raise ExportError(f"model {net.model_name!r} cannot be exported as {fmt}: {err}", path=model_path) from None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent)
     if not os.access(out.parent, os.W_OK):
         raise AEFlowInputError("output folder is not writable", path=out.parent)
     logger.info("exporting %s (%s) as %s to %s", model_path, net.model_name, fmt, out)

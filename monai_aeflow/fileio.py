@@ -24,6 +24,7 @@ __all__ = [
     "atomic_write_json",
     "current_umask",
     "gzip_bytes",
+    "make_folder",
     "nifti_bytes",
     "save_nifti",
     "to_jsonable",
@@ -54,6 +55,28 @@ def current_umask() -> int:
     return mask
 
 
+def make_folder(path: str | os.PathLike) -> Path:
+    """Create a folder (and its parents) if needed, or say in one line why it cannot be.
+
+    Args:
+        path: the folder.
+
+    Returns:
+        The folder's path.
+
+    Raises:
+        AEFlowInputError: a file is in the way, the parent is not writable, or the file system refuses it.
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise AEFlowInputError("is a file, not a folder", path=folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise AEFlowInputError(f"cannot create this folder: {err.strerror or err}", path=folder) from None
+    return folder
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Write a file atomically: ``write(tmp_path)`` in the destination folder, then ``os.replace``.
 
@@ -68,10 +91,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
     Returns:
         The destination path.
+
+    Raises:
+        AEFlowInputError: the folder cannot be created or written into, or the destination is a folder.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
+    make_folder(path.parent)
+    if path.is_dir():
+        raise AEFlowInputError("is a folder: cannot write a file there", path=path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
+    except OSError as err:
+        raise AEFlowInputError(f"cannot write into this folder: {err.strerror or err}", path=path.parent) from None
     os.close(fd)
     try:
         write(tmp)

@@ -26,6 +26,10 @@ normalize_option = click.option(
 """``--normalize``: the per-scan normalisation of the maps (``PostprocessConfig.normalize``) of evaluate and compare."""
 
 
+_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
+"""Errors of a file or folder path: reported as a user mistake naming the path (exit code 2)."""
+
+
 class UsageError(click.ClickException):
     """A user mistake: printed as ``Error: <message>`` with exit code 2 and no traceback."""
 
@@ -33,7 +37,8 @@ class UsageError(click.ClickException):
 
 
 def run_guarded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Call ``fn``; turn :class:`AEFlowInputError` (bad file, folder, option or checkpoint) into exit code 2.
+    """Call ``fn``; turn :class:`AEFlowInputError` (bad file, folder, option or checkpoint) and the errors of a path
+    (missing, a file where a folder is needed, not writable) into one ``Error:`` line and exit code 2.
 
     Args:
         fn: the work to do.
@@ -47,6 +52,10 @@ def run_guarded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return fn(*args, **kwargs)
     except AEFlowInputError as err:
         raise UsageError(str(err)) from None
+    except _PATH_ERRORS as err:  # a path the user gave that cannot be read or written, found late
+        if not err.filename:
+            raise
+        raise UsageError(f"{err.filename}: {err.strerror or err}") from None
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)

@@ -27,6 +27,7 @@ from aeflow_cli.train import backbone_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--quiet", is_flag=True, help="No progress bars or training logs.")
+@click.option("--overwrite", is_flag=True, help="Replace a previous demo run in --out (model, checkpoints, results).")
 def demo(
     output_dir: str,
     epochs: int,
@@ -39,6 +40,7 @@ def demo(
     device: str,
     seed: int,
     quiet: bool,
+    overwrite: bool,
 ) -> None:
     """Generate synthetic brain MRI, train AE-FLOW on healthy slices, and map lesions of test volumes.
 
@@ -63,5 +65,6 @@ def demo(
         device=device,
         seed=seed,
         progress=not quiet,
+        overwrite=overwrite,
     )
     run_guarded(run_demo, cfg, say=click.echo)

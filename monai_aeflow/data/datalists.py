@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from monai_aeflow.config_rules import check_value
 from monai_aeflow.data.indexers import index_dataset, with_brats_region
 from monai_aeflow.data.io import reraise_input_errors
 from monai_aeflow.data.preprocessing import build_volume_preprocessing
@@ -106,6 +107,11 @@ class DataConfig:
     synthetic: SyntheticCohortConfig = field(default_factory=SyntheticCohortConfig)
     synthetic_dir: str | None = None
     region: str = "wt"
+
+    def __post_init__(self) -> None:
+        check_value("--spacing", self.spacing, 0.0, lo_open=True, optional=True)
+        for value in self.fractions:
+            check_value("--fractions", value, 0.0)
 
     def preprocessing_config(self) -> dict[str, Any]:
         """Keyword arguments of :func:`~monai_aeflow.data.preprocessing.build_volume_preprocessing` (in models)."""

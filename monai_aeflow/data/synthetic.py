@@ -38,7 +38,7 @@ import torch
 from scipy import ndimage
 
 from monai_aeflow.errors import AEFlowInputError
-from monai_aeflow.fileio import atomic_write
+from monai_aeflow.fileio import atomic_write, make_folder
 
 __all__ = [
     "SyntheticSubject",
@@ -593,8 +593,7 @@ def generate_cohort(
     _check_args(shape, spacing, contrast)
     if n_healthy < 0 or n_lesion < 0:
         raise AEFlowInputError(f"subject counts must be non-negative, got {n_healthy} and {n_lesion}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out_dir)
     flags = [True] * int(n_healthy) + [False] * int(n_lesion)
     iterator = enumerate(flags)
     if progress:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,11 @@ from monai_aeflow.data.slices import SliceDataset
 from monai_aeflow.engines.workflow import (
     MODEL_FILE,
     TrainingConfig,
+    check_optimizer_settings,
     check_output_dir,
     clear_previous_run,
     open_resume_checkpoint,
+    previous_run_files,
     resolve_device,
     train,
 )
@@ -137,6 +140,16 @@ def parse_assignments(items: Sequence[str], nested: bool = False) -> dict[str, A
     return out
 
 
+def _remove_unused(output_dir: str | Path, created: list[Path]) -> None:
+    """Remove the folders this call created (the run folder, its ``data/``) when no model or checkpoint was written."""
+    if previous_run_files(output_dir):
+        return
+    for folder in created:  # the run folder first: it holds the other
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+
+
 def run_training(
     name: str,
     data: DataConfig,
@@ -193,6 +206,7 @@ def run_training(
     """
     # fail before the data are prepared
     check_model_args(name, model_args)
+    check_optimizer_settings(lr, weight_decay)
     device_used = resolve_device(device)
     run_options = dict(training.pop("run_options", None) or {})
     if resume is not None:
@@ -209,59 +223,64 @@ def run_training(
         record = stored.get("encoder_weights")
     else:
         check_output_dir(output_dir, overwrite=overwrite)
-    prepared = prepare_data(data, output_dir, progress=progress, need_evaluation=False)
-    torch.manual_seed(seed)
-    net, info = build_model(
-        name, prepared.in_channels, prepared.image_size, backbone, backbone_weights, model_args, say=say
-    )
-    if resume is not None:
-        info["backbone_weights"] = weights_used
-        if isinstance(record, Mapping):
-            info["encoder_weights"] = dict(record)
-            for module in net.modules():
-                if hasattr(module, "weights_record"):
-                    module.weights_record = dict(record)
-    run_options["backbone_weights_used"] = info["backbone_weights"]
-    run_options["encoder_weights"] = info["encoder_weights"]
-    params = count_parameters(net)
-    val = None
-    if validate and prepared.val:
-        val = SliceDataset(prepared.val, min_area_fraction=data.min_area_fraction, healthy_only=False)
-    if spec_of(net).make_fitter is not None:  # PatchCore: one pass, no optimiser
-        say(f"fitting {info['name']} in one pass over {len(prepared.train)} healthy slices on {device_used}")
-    else:
-        say(
-            f"training {info['name']} ({params['trainable']:,} trainable parameters) on {len(prepared.train)} "
-            f"healthy slices for {epochs} epochs on {device_used}"
+    created = [p for p in (Path(output_dir), Path(output_dir) / "data") if not p.exists()]
+    try:
+        prepared = prepare_data(data, output_dir, progress=progress, need_evaluation=False)
+        torch.manual_seed(seed)
+        net, info = build_model(
+            name, prepared.in_channels, prepared.image_size, backbone, backbone_weights, model_args, say=say
         )
-    if overwrite and resume is None:
-        clear_previous_run(output_dir)
-    summary = train_model(
-        net,
-        prepared.train,
-        output_dir,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        device=str(device_used),
-        seed=seed,
-        loss_options=loss_options,
-        preprocessing=prepared.preprocessing,
-        val_dataset=val,
-        progress=progress,
-        resume=None if resume is None else str(resume),
-        run_options=run_options,
-        **training,
-    )
-    summary.update(
-        model=info["name"],
-        hparams=info["hparams"],
-        parameters=params,
-        backbone_weights=info["backbone_weights"],
-        encoder_weights=info["encoder_weights"],
-        splits={k: [str(r["subject_id"]) for r in v] for k, v in prepared.splits.items()},
-        train_slices=len(prepared.train),
-        source=prepared.source,
-    )
-    return summary
+        if resume is not None:
+            info["backbone_weights"] = weights_used
+            if isinstance(record, Mapping):
+                info["encoder_weights"] = dict(record)
+                for module in net.modules():
+                    if hasattr(module, "weights_record"):
+                        module.weights_record = dict(record)
+        run_options["backbone_weights_used"] = info["backbone_weights"]
+        run_options["encoder_weights"] = info["encoder_weights"]
+        params = count_parameters(net)
+        val = None
+        if validate and prepared.val:
+            val = SliceDataset(prepared.val, min_area_fraction=data.min_area_fraction, healthy_only=False)
+        if spec_of(net).make_fitter is not None:  # PatchCore: one pass, no optimiser
+            say(f"fitting {info['name']} in one pass over {len(prepared.train)} healthy slices on {device_used}")
+        else:
+            say(
+                f"training {info['name']} ({params['trainable']:,} trainable parameters) on {len(prepared.train)} "
+                f"healthy slices for {epochs} epochs on {device_used}"
+            )
+        if overwrite and resume is None:
+            clear_previous_run(output_dir)
+        summary = train_model(
+            net,
+            prepared.train,
+            output_dir,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            device=str(device_used),
+            seed=seed,
+            loss_options=loss_options,
+            preprocessing=prepared.preprocessing,
+            val_dataset=val,
+            progress=progress,
+            resume=None if resume is None else str(resume),
+            run_options=run_options,
+            **training,
+        )
+        summary.update(
+            model=info["name"],
+            hparams=info["hparams"],
+            parameters=params,
+            backbone_weights=info["backbone_weights"],
+            encoder_weights=info["encoder_weights"],
+            splits={k: [str(r["subject_id"]) for r in v] for k, v in prepared.splits.items()},
+            train_slices=len(prepared.train),
+            source=prepared.source,
+        )
+        return summary
+    except AEFlowInputError:  # a user mistake found after the data were prepared: leave nothing behind
+        _remove_unused(output_dir, created)
+        raise

@@ -29,6 +29,7 @@ from monai.handlers import (
 )
 from torch.utils.tensorboard import SummaryWriter
 
+from monai_aeflow.config_rules import check_value
 from monai_aeflow.device import resolve_device
 from monai_aeflow.engines.handlers import (
     BestMetricState,
@@ -57,6 +58,7 @@ from monai_aeflow.models.aeflow import DEFAULT_RECIPE, recipe_alpha
 
 __all__ = [
     "TrainingConfig",
+    "check_optimizer_settings",
     "resolve_device",
     "create_engines",
     "train",
@@ -128,6 +130,7 @@ class TrainingConfig:
     run_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_optimizer_settings(self.lr, self.weight_decay)
         self.alpha = recipe_alpha(self.recipe, self.alpha)
 
     def model_config(self) -> dict[str, Any]:
@@ -138,6 +141,20 @@ class TrainingConfig:
             "score": {"beta": self.beta, "map_kind": self.map_kind, "ssim_window": 11, "data_range": 1.0},
             "training": training,
         }
+
+
+def check_optimizer_settings(lr: float, weight_decay: float) -> None:
+    """Refuse a learning rate that is not a positive finite number and a negative or non-finite weight decay.
+
+    Args:
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+
+    Raises:
+        AEFlowInputError: naming the option (``--lr``, ``--weight-decay``) and the value.
+    """
+    check_value("--lr", lr, 0.0, lo_open=True)
+    check_value("--weight-decay", weight_decay, 0.0)
 
 
 def create_engines(

@@ -225,7 +225,8 @@ def prepare_case(
             f"case {name!r}: map {residual.shape}, label {label.shape} and mask {mask.shape} differ in shape"
         )
     if not mask.any():
-        raise AEFlowInputError(f"case {name!r}: the brain mask is empty")
+        mask_file = dict(source or {}).get("mask")
+        raise AEFlowInputError(f"case {name!r}: the brain mask is empty", path=mask_file)
     score = postprocess_map(residual, mask, config)
 
     support = mask | label | (score != 0)

@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 
 from monai_aeflow.evaluation.io import atomic_write, atomic_write_json, atomic_write_text
 from monai_aeflow.evaluation.pipeline import result_to_json
+from monai_aeflow.fileio import make_folder
 
 __all__ = [
     "REPORT_FILES",
@@ -67,13 +68,17 @@ def check_report_folder(output_dir: str | os.PathLike, overwrite: bool = False) 
         The report files already in the folder (replaced when ``overwrite``).
 
     Raises:
-        AEFlowInputError: the path is a file, or it holds a report and ``overwrite`` is False.
+        AEFlowInputError: the path is a file, cannot be created, or holds a report and ``overwrite`` is False.
     """
     from monai_aeflow.errors import AEFlowInputError
 
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise AEFlowInputError("output folder expected, found a file", path=out)
+    ancestor = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        why = "is a file" if not ancestor.is_dir() else "is not writable"
+        raise AEFlowInputError(f"output folder cannot be created: {ancestor} {why}", path=out)
     existing = [out / name for name in REPORT_FILES if (out / name).exists()]
     if existing and not overwrite:
         raise AEFlowInputError(
@@ -361,7 +366,7 @@ def write_report(
     """
     out = Path(output_dir)
     existing = check_report_folder(out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     written: dict[str, Path] = {}
     written["json"] = atomic_write_json(out / "metrics.json", result_to_json(result))
     written["metrics_csv"] = atomic_write_text(out / "metrics.csv", _csv_text(metrics_rows(result), _CSV_COLUMNS))

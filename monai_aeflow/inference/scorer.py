@@ -27,6 +27,7 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 
 from monai_aeflow.checkpoint import load_model, stored_encoder_weights
+from monai_aeflow.config_rules import check_value
 from monai_aeflow.data.checks import DEFAULT_MAX_VOXELS, IrregularSeriesError, check_dicom_series, check_voxel_limit
 from monai_aeflow.data.io import file_kind, reraise_input_errors
 from monai_aeflow.device import resolve_amp_dtype, resolve_device
@@ -107,6 +108,7 @@ class AnomalyScorer:
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise AEFlowInputError(f"batch size must be at least 1, got {batch_size}")
+        check_value("threshold", threshold, optional=True)  # nan or inf would give an empty mask
         if max_voxels is not None and max_voxels < 1:
             raise AEFlowInputError(f"the voxel limit must be at least 1, got {max_voxels}")
         self.max_voxels = None if max_voxels is None else int(max_voxels)

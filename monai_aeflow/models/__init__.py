@@ -345,10 +345,12 @@ def build_model(
                 weights_used = "random" if wanted is None else str(wanted)
         else:
             net = build_network(spec.name, **kwargs)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RuntimeError) as err:  # a network argument out of range fails in torch
         if isinstance(err, AEFlowInputError):
             raise
-        raise AEFlowInputError(f"cannot build {spec.name!r}: {err}") from None
+        given = ", ".join(f"{k}={v!r}" for k, v in (overrides or {}).items())
+        args = f" with --model-arg {given}" if given else ""
+        raise AEFlowInputError(f"cannot build {spec.name!r}{args}: {err}") from None
     record = encoder_weights_of(net)
     if record is not None:
         logger.info("encoder: %s, weights %s", record["backbone"], record["source"])

@@ -227,3 +227,11 @@ def test_atomic_write_and_make_folder_name_the_path(tmp_path, a_file):
     with pytest.raises(AEFlowInputError, match="is a folder"):
         atomic_write_text(tmp_path / "dir.json", "{}")
     assert make_folder(tmp_path / "a" / "b").is_dir()
+
+
+@pytest.mark.parametrize("extra", [["--spatial-size", "30", "30"], ["--fractions", "-0.2", "0.6", "0.6"]])
+def test_dataset_options_with_a_synthetic_cohort_are_refused_not_ignored(tmp_path, extra):
+    out = tmp_path / "run"
+    line = _error_line(["train", "--model", "intensity", *TINY, *extra, "--out", out])
+    assert extra[0] in line and "--data" in line, line
+    assert not out.exists()

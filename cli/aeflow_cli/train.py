@@ -122,6 +122,18 @@ def data_options(fn: Any) -> Any:
     return fn
 
 
+# options of a dataset folder that a synthetic cohort does not use: (key, flag, default)
+_DATASET_ONLY = (
+    ("spatial_size", "--spatial-size", (128, 128)),
+    ("spacing", "--spacing", None),
+    ("fractions", "--fractions", (0.6, 0.2, 0.2)),
+    ("split_file", "--split-file", None),
+    ("train_subjects", "--train-subjects", None),
+    ("val_subjects", "--val-subjects", None),
+    ("test_subjects", "--test-subjects", None),
+)
+
+
 def data_config(opts: dict[str, Any]) -> Any:
     """Build a :class:`~monai_aeflow.data.datalists.DataConfig` from the data options."""
     from monai_aeflow.data.datalists import DataConfig, SyntheticCohortConfig
@@ -131,6 +143,13 @@ def data_config(opts: dict[str, Any]) -> Any:
         raise AEFlowInputError("give either --data DIR or --synthetic, not both")
     if not opts["synthetic"] and opts["data_dir"] is None:
         raise AEFlowInputError("no data: give --data DIR (with --dataset) or --synthetic")
+    if opts["synthetic"]:
+        ignored = [flag for key, flag, default in _DATASET_ONLY if opts.get(key) not in (None, default)]
+        if ignored:
+            raise AEFlowInputError(
+                f"{', '.join(ignored)} appl{'ies' if len(ignored) == 1 else 'y'} to --data; a --synthetic cohort is "
+                "split by its own rule and its slices are the in-plane size of --shape"
+            )
     named = {k: opts[f"{k}_subjects"] for k in ("train", "val", "test") if opts[f"{k}_subjects"]}
     subjects = {k: [s.strip() for s in v.split(",") if s.strip()] for k, v in named.items()} if named else None
     modality = opts["modality"]

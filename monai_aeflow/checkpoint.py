@@ -103,6 +103,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError("checkpoint not found", path=path)
     if path.is_dir():
         raise CheckpointError("is a folder, expected a checkpoint file (.pt)", path=path)
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip archive (or, long ago, a pickle)
+        raise CheckpointError(
+            "is not a PyTorch file (neither a zip archive nor a pickle); expected a model file written by "
+            "aeflow-cli train",
+            path=path,
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -67,3 +67,12 @@ def test_foreign_and_broken_checkpoints(tmp_path):
         load_model(tmp_path / "nope.pt")
     with pytest.raises(CheckpointError, match="folder"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("content", [os.urandom(64), b'{"network": {}}', b""])
+def test_a_file_that_is_not_a_torch_file_says_so(tmp_path, content):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content if not content.startswith((b"PK", b"\x80")) else b"x" + content)
+    with pytest.raises(CheckpointError, match="is not a PyTorch file") as info:
+        read_checkpoint(path)
+    assert str(path) in str(info.value) and "pickled" not in str(info.value)

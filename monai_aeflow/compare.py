@@ -15,17 +15,15 @@ Example::
     cfg = CompareConfig(output_dir="runs/compare", models=["intensity", "ae", "vae", "aeflow"])
     result = run_comparison(cfg)            # synthetic cohort by default
     print(result["markdown"])               # also in runs/compare/comparison.md and comparison.csv
+                                            # comparison.png: the metrics as bars, every model's map of one slice
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import logging
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,8 @@ from typing import Any
 import torch
 
 from monai_aeflow.checkpoint import load_model
+from monai_aeflow.compare_figure import gallery_entry, gallery_slice, save_comparison_figure
+from monai_aeflow.compare_tables import _fmt, comparison_row, comparison_table, failed_row, write_comparison
 from monai_aeflow.data.datalists import (  # noqa: F401  (private names re-exported: their home before datalists)
     VOLUME_DATASETS,
     DataConfig,
@@ -57,7 +57,7 @@ from monai_aeflow.evaluation.checkpoint import save_reconstruction_quality
 from monai_aeflow.evaluation.pipeline import EvaluationConfig, result_to_json
 from monai_aeflow.evaluation.postprocess import PostprocessConfig
 from monai_aeflow.evaluation.scoring import _plain, evaluate_model, score_cases  # noqa: F401
-from monai_aeflow.fileio import atomic_write_json, atomic_write_text, make_folder, to_jsonable
+from monai_aeflow.fileio import atomic_write_json, to_jsonable
 from monai_aeflow.models import (
     BUILTIN_MODELS,
     MODELS,
@@ -152,143 +152,6 @@ class CompareConfig:
     overwrite: bool = False
 
 
-# --------------------------------------------------------------------------------------------------------
-# comparison
-# --------------------------------------------------------------------------------------------------------
-
-_COLUMNS: tuple[tuple[str, str, str, str], ...] = (
-    # (column, metrics level, metric name, Markdown header)
-    ("dice_pooled", "pixel", "dice_pooled", "DICE_T"),
-    ("dice_mean", "pixel", "dice_mean", "DICE_S"),
-    ("dice_std", "pixel", "dice_std", "DICE_S std"),
-    ("pixel_auroc", "pixel", "auroc", "pixel AUROC"),
-    ("pixel_auprc", "pixel", "auprc", "pixel AUPRC"),
-    ("slice_auroc_map", "slice", "auroc", "slice AUROC (map)"),
-    ("slice_auprc_map", "slice", "auprc", "slice AUPRC (map)"),
-    ("slice_auroc_score", "image", "auroc", "slice AUROC (score)"),
-    ("slice_auprc_score", "image", "auprc", "slice AUPRC (score)"),
-    ("slice_f1_score", "image", "f1", "slice F1 (score)"),
-    ("volume_auroc", "volume", "auroc", "volume AUROC"),
-    ("oracle_dice_pooled", "oracle", "dice_pooled", "oracle DICE_T"),
-)
-
-_METHOD_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    # (column, threshold method, Markdown header): test Dice at each validated threshold
-    ("dice_pooled_sweep", "sweep", "DICE_T (sweep thr.)"),
-    ("dice_pooled_greedy", "greedy", "DICE_T (greedy thr.)"),
-)
-
-_RECON_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    # (column, key of the result's "reconstruction", Markdown header): healthy validation slices
-    ("val_psnr", "psnr", "val PSNR"),
-    ("val_ssim", "ssim", "val SSIM"),
-)
-
-
-def _row(name: str, info: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, Any]:
-    m = result["metrics"]
-    row: dict[str, Any] = {
-        "model": name,
-        "params_trainable": info["params"]["trainable"],
-        "params_total": info["params"]["total"],
-        "train_seconds": info["train_seconds"],
-        "epochs": info["epochs"],
-        "score_seconds": info["score_seconds"],
-        "threshold": float(result["protocol"]["threshold"]["value"]),
-    }
-    for col, level, metric, _ in _COLUMNS:
-        value = m.get(level, {}).get(metric) or {}
-        row[col] = float(value.get("value", float("nan")))
-        if math.isfinite(value.get("ci_low", float("nan"))):
-            row[f"{col}_ci_low"] = float(value["ci_low"])
-            row[f"{col}_ci_high"] = float(value["ci_high"])
-    by_method = m.get("thresholds", {})
-    for col, method, _ in _METHOD_COLUMNS:
-        entry = by_method.get(method, {})
-        row[col] = float(entry.get("dice_pooled", {}).get("value", float("nan")))
-        row[f"threshold_{method}"] = float(entry.get("threshold", {}).get("value", float("nan")))
-    recon = result.get("reconstruction") or {}
-    for col, key, _ in _RECON_COLUMNS:
-        row[col] = float(recon.get(key, float("nan")))  # NaN ("n/a") for models that do not reconstruct
-    row["error"] = ""
-    return row
-
-
-def _failed_row(name: str, error: BaseException) -> dict[str, Any]:
-    """The row of a model whose training, scoring or evaluation raised: its error, every metric NaN."""
-    row: dict[str, Any] = {"model": name, "params_trainable": float("nan"), "params_total": float("nan")}
-    row.update(train_seconds=float("nan"), epochs=float("nan"), score_seconds=float("nan"), threshold=float("nan"))
-    for col, *_ in _COLUMNS + _METHOD_COLUMNS + _RECON_COLUMNS:
-        row[col] = float("nan")
-    row["error"] = f"{type(error).__name__}: {error}".strip().splitlines()[0]
-    return row
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if isinstance(value, float):
-        return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
-    return str(value)
-
-
-def comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The Markdown table of a comparison (one row per model).
-
-    Args:
-        rows: rows of :func:`run_comparison`.
-
-    Returns:
-        The table (GitHub Markdown).
-    """
-    header = ["model", "params (trainable)", "train s", *[h for *_, h in _COLUMNS if h != "DICE_S std"]]
-    header += [h for *_, h in _METHOD_COLUMNS + _RECON_COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    failed = []
-    for r in rows:
-        if r.get("error"):
-            failed.append(f"- {r['model']} failed: {r['error']}")
-            cells = [r["model"], "failed", "n/a"] + ["n/a"] * (len(header) - 3)
-            lines.append("| " + " | ".join(cells) + " |")
-            continue
-        cells = [r["model"], f"{r['params_trainable']:,}", f"{r['train_seconds']:.1f}"]
-        for col, _, _, h in _COLUMNS:
-            if h == "DICE_S std":
-                continue
-            cell = _fmt(r[col])
-            if col == "dice_mean" and math.isfinite(r["dice_std"]):
-                cell += f" ± {r['dice_std']:.3f}"
-            cells.append(cell)
-        cells += [_fmt(r.get(col, float("nan"))) for col, *_ in _METHOD_COLUMNS + _RECON_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines + ([""] + failed if failed else []))
-
-
-def write_comparison(rows: Sequence[Mapping[str, Any]], output_dir: str | Path, notes: str = "") -> dict[str, Path]:
-    """Write ``comparison.md`` (table and protocol notes) and ``comparison.csv`` (every column, with CIs).
-
-    Args:
-        rows: rows of :func:`run_comparison`.
-        output_dir: destination folder.
-        notes: Markdown text appended under the table.
-
-    Returns:
-        ``{"markdown": path, "csv": path}``.
-    """
-    out = make_folder(output_dir)
-    md = "# Model comparison\n\n" + comparison_table(rows) + "\n" + (f"\n{notes}\n" if notes else "")
-    columns: list[str] = []
-    for r in rows:
-        columns += [k for k in r if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()})
-    return {
-        "markdown": atomic_write_text(out / "comparison.md", md),
-        "csv": atomic_write_text(out / "comparison.csv", buf.getvalue()),
-    }
-
-
 def _protocol_notes(cfg: CompareConfig, data: PreparedData, device: str, weights: Sequence[str]) -> str:
     pp = cfg.postprocess
     split = {k: [str(r["subject_id"]) for r in v] for k, v in data.splits.items()}
@@ -320,7 +183,8 @@ def _check_comparison_dir(out: Path, overwrite: bool) -> None:
     check_output_dir(out, overwrite=True)
     if overwrite or not out.is_dir():
         return
-    previous = [out / n for n in ("comparison.json", "comparison.md", "comparison.csv") if (out / n).is_file()]
+    names = ("comparison.json", "comparison.md", "comparison.csv", "comparison.png")
+    previous = [out / n for n in names if (out / n).is_file()]
     models = out / "models"
     if models.is_dir():
         previous += [p for d in sorted(models.iterdir()) if d.is_dir() for p in previous_run_files(d)]
@@ -336,7 +200,9 @@ def run_comparison(cfg: CompareConfig, say: Callable[[str], None] = logger.info)
     """Train, score and evaluate every model of ``cfg.models`` on the same data and protocol.
 
     Writes ``<output_dir>/models/<name>/`` (model file, checkpoints, TensorBoard logs), ``comparison.md``,
-    ``comparison.csv`` and ``comparison.json`` (rows, full metrics and protocol of each model). A folder that
+    ``comparison.csv``, ``comparison.json`` (rows, full metrics and protocol of each model) and ``comparison.png``
+    (:mod:`monai_aeflow.compare_figure`: the headline metrics as bars and every model's map of the test slice
+    with the largest lesion, at its validated threshold). A folder that
     already holds a comparison is refused unless ``cfg.overwrite``, before any data are prepared.
 
     Args:
@@ -378,13 +244,15 @@ def run_comparison(cfg: CompareConfig, say: Callable[[str], None] = logger.info)
         seed=cfg.seed,
         report_methods=("sweep", "greedy"),
     )
-    rows, results, failed = [], {}, {}
+    rows, results, failed, galleries = [], {}, {}, {}
+    where = gallery_slice(data.test)  # the test slice every model's map is drawn on
     for name in names:
         try:
-            row, results[name] = _compare_one(name, cfg, data, device, eval_cfg, out, say)
+            row, results[name] = _compare_one(name, cfg, data, device, eval_cfg, out, say, where)
+            galleries[name] = results[name].pop("gallery", None)
         except Exception as err:  # one failing model must not lose the others' results
             logger.debug("model %s failed", name, exc_info=True)
-            row = _failed_row(name, err)
+            row = failed_row(name, err)
             failed[name] = row["error"]
             results[name] = {"error": row["error"]}
             say(f"[{name}] failed: {row['error']}")
@@ -402,6 +270,11 @@ def run_comparison(cfg: CompareConfig, say: Callable[[str], None] = logger.info)
         "failed": failed,
     }
     paths["json"] = atomic_write_json(out / "comparison.json", to_jsonable(summary))
+    image = truth = None
+    if where is not None:
+        vol, z = data.test[where[0]], where[1]
+        image, truth = _plain(vol["image"])[0].numpy()[..., z], _plain(vol["label"])[0].numpy()[..., z] > 0
+    paths["figure"], _ = save_comparison_figure(out / "comparison.png", rows, image, truth, galleries)
     summary["paths"] = {k: str(v) for k, v in paths.items()}
     summary["markdown"] = comparison_table(rows)
     return summary
@@ -415,8 +288,10 @@ def _compare_one(
     eval_cfg: EvaluationConfig,
     out: Path,
     say: Callable[[str], None],
+    gallery_at: tuple[int, int] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Build, train, score and evaluate one model: its table row and its result entry."""
+    """Build, train, score and evaluate one model: its table row and its result entry (with ``gallery``, its map of
+    the test slice ``gallery_at`` = (volume, slice), for the figure)."""
     torch.manual_seed(cfg.seed)
     net, info = build_model(
         name,
@@ -468,12 +343,17 @@ def _compare_one(
         model_path=summary["model_path"],
         description=get_model_spec(name).description,
     )
-    row = _row(name, info, result)
+    row = comparison_row(name, info, result)
     say(
         f"[{name}] trained in {row['train_seconds']:.1f} s; DICE_T {_fmt(row['dice_pooled'])}, pixel AUROC "
         f"{_fmt(row['pixel_auroc'])}, slice AUROC (score) {_fmt(row['slice_auroc_score'])}"
     )
     entry = {"info": info, "evaluation": result_to_json(result)}
+    if gallery_at is not None:
+        vol = data.test[gallery_at[0]]
+        entry["gallery"] = gallery_entry(
+            model, vol, gallery_at[1], row["threshold"], cfg.postprocess, cfg.batch_size * 2, cfg.beta, cfg.map_kind
+        )
     if result.get("reconstruction"):
         entry["reconstruction"] = result["reconstruction"]
         save_reconstruction_quality(summary["model_path"], result["reconstruction"])  # into the training record

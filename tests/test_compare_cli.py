@@ -53,6 +53,9 @@ def test_compare_synthetic_end_to_end(tmp_path):
     assert [r["model"] for r in rows] == ["intensity", "ae", "vae"]
 
     md = (out / "comparison.md").read_text()
+    assert (out / "comparison.png").read_bytes()[
+        :8
+    ] == b"\x89PNG\r\n\x1a\n"  # the figure (tests/test_compare_figure.py)
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| model | params (trainable) | train s | DICE_T")
     assert [line.split("|")[1].strip() for line in table[1:]] == ["intensity", "ae", "vae"]

@@ -32,10 +32,9 @@ import atexit
 import contextlib
 import inspect
 import logging
-import math
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from monai_aeflow.bundle_settings import check_bundle_settings
 from monai_aeflow.checkpoint import load_model
 from monai_aeflow.data.bundle_datalists import (  # noqa: F401  (private names: their home before the move)
     _BRAIN_KINDS,
@@ -83,7 +83,6 @@ from monai_aeflow.engines.metrics import (
     summary_writer,
     write_scores_summary,
 )
-from monai_aeflow.errors import AEFlowInputError
 from monai_aeflow.evaluation.volumes import evaluate_volumes
 from monai_aeflow.models import build_network, get_model_spec, spec_of
 
@@ -117,112 +116,6 @@ logger = logging.getLogger("monai_aeflow.bundle")
 # ----------------------------------------------------------------------------------------------------------
 # checks: settings, one-line errors
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, str):
-        return f"{value!r} (a string)"
-    return repr(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, (float, np.floating))) and math.isfinite(float(value))
-
-
-def _int_rule(minimum: int, what: str) -> Callable[[Any], str | None]:
-    return lambda v: None if _is_int(v) and v >= minimum else what
-
-
-def _number_rule(low: float, high: float, what: str, open_low: bool = False) -> Callable[[Any], str | None]:
-    def _rule(v: Any) -> str | None:
-        ok = _is_number(v) and (float(v) > low if open_low else float(v) >= low) and float(v) <= high
-        return None if ok else what
-
-    return _rule
-
-
-def _bool_rule(v: Any) -> str | None:
-    return None if isinstance(v, bool) else "must be True or False (capitalised on the command line)"
-
-
-def _flag_rule(v: Any) -> str | None:
-    try:
-        as_flag(v)
-    except AEFlowInputError:
-        return "must be True or False"
-    return None
-
-
-def _image_size_rule(v: Any) -> str | None:
-    ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v)
-    return None if ok else "must be two positive integers, e.g. [256, 256]"
-
-
-def _fractions_rule(v: Any) -> str | None:
-    ok = isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_number(x) and float(x) >= 0 for x in v)
-    ok = ok and sum(float(x) for x in v) > 0
-    return None if ok else "must be three non-negative numbers (train, val, test), e.g. [0.6, 0.2, 0.2]"
-
-
-_SETTING_RULES: dict[str, Callable[[Any], str | None]] = {
-    "max_epochs": _int_rule(1, "must be a positive integer"),
-    "batch_size": _int_rule(1, "must be a positive integer"),
-    "val_interval": _int_rule(1, "must be a positive integer"),
-    "num_workers": _int_rule(0, "must be a non-negative integer"),
-    "flow_init": _int_rule(0, "must be a non-negative integer"),
-    "grid_images": _int_rule(0, "must be a non-negative integer"),
-    "n_bootstrap": _int_rule(0, "must be a non-negative integer"),
-    "seed": _int_rule(0, "must be a non-negative integer"),
-    "learning_rate": _number_rule(0.0, math.inf, "must be a positive number", open_low=True),
-    "weight_decay": _number_rule(0.0, math.inf, "must be a non-negative number"),
-    "alpha": _number_rule(0.0, 1.0, "must be a number in [0, 1]"),
-    "beta": _number_rule(0.0, 1.0, "must be a number in [0, 1]"),
-    "image_size": _image_size_rule,
-    "split_fractions": _fractions_rule,
-    "amp": _bool_rule,
-    "overwrite": _bool_rule,
-    "grayscale": _bool_rule,
-    "synthetic": _flag_rule,
-}
-
-
-def check_bundle_settings(**settings: Any) -> None:
-    """Check a bundle's settings (after the command line's overrides) before anything is built or read.
-
-    The bundles call this first in ``initialize``, so that ``--max_epochs abc`` or ``--batch_size '"16"'``
-    stops the run at once, with a message naming the key, instead of failing after the data were prepared.
-    With ``dataset_dir`` (and ``synthetic``) the dataset folder is checked too (:func:`check_dataset_dir`),
-    and an optional ``healthy_dataset_dir`` must exist.
-
-    Args:
-        settings: any of ``max_epochs``, ``batch_size``, ``val_interval`` (positive integers),
-            ``num_workers``, ``flow_init``, ``grid_images``, ``n_bootstrap``, ``seed`` (non-negative
-            integers), ``learning_rate`` (positive), ``weight_decay`` (non-negative), ``alpha``, ``beta``
-            (in [0, 1]), ``image_size`` (two positive integers), ``split_fractions`` (three non-negative
-            numbers), ``amp``, ``overwrite``, ``grayscale`` (booleans), ``synthetic`` (``True`` / ``False`` /
-            ``"true"`` / ``"false"``), ``dataset_dir``, ``healthy_dataset_dir`` (folders).
-
-    Raises:
-        AEFlowInputError: the first wrong setting, in one line that starts with its key.
-        TypeError: a key this function does not know (a mistake in the configuration, not in the overrides).
-    """
-    unknown = sorted(set(settings) - set(_SETTING_RULES) - {"dataset_dir", "healthy_dataset_dir"})
-    if unknown:
-        raise TypeError(f"check_bundle_settings: unknown setting(s) {unknown}")
-    for key, rule in _SETTING_RULES.items():
-        if key in settings:
-            problem = rule(settings[key])
-            if problem:
-                raise AEFlowInputError(f"{key} {problem}, got {_describe(settings[key])}")
-    healthy = settings.get("healthy_dataset_dir")
-    if healthy is not None and not Path(str(healthy)).expanduser().is_dir():
-        raise AEFlowInputError(f"healthy_dataset_dir {healthy} is not an existing folder")
-    if "dataset_dir" in settings:
-        check_dataset_dir(str(settings["dataset_dir"]), settings.get("synthetic", False))
 
 
 def install_error_hook() -> None:
@@ -282,6 +175,9 @@ def build_bundle_network(name: str | None = None, model_file: str | None = None,
     if model_file is not None and Path(str(model_file)).is_file():
         return load_model(model_file)[0]
     spec = get_model_spec(name)
+    weights = hparams.get("backbone_weights")
+    if isinstance(weights, str) and weights.lower() in ("none", "null", "random"):
+        hparams = {**hparams, "backbone_weights": None}  # ``--backbone_weights none`` (MONAI drops a None override)
     params = inspect.signature(spec.network_cls).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         dropped = sorted(k for k in hparams if k not in params)

@@ -25,7 +25,7 @@ BRAIN = ROOT / "bundles" / "aeflow_brain_mri"
 IMAGES = ROOT / "bundles" / "aeflow_2d_images"
 TIMEOUT = 300
 # a small random-encoder network, so that nothing is downloaded whatever the run gets to
-OFFLINE = ["--backbone", "resnet18", "--backbone_weights", "None", "--image_size", "[32, 32]"]
+OFFLINE = ["--backbone", "resnet18", "--backbone_weights", "none", "--image_size", "[32, 32]"]
 
 
 def _run(bundle: Path, args: list[str]) -> subprocess.CompletedProcess:
@@ -160,8 +160,16 @@ def test_datalists_generate_only_when_asked(prepare: object, tmp_path: Path) -> 
 
 @pytest.mark.parametrize(
     ("bundle", "key", "value"),
-    [(BRAIN, "max_epochs", "abc"), (BRAIN, "batch_size", '"16"'), (IMAGES, "learning_rate", "fast")],
-    ids=["brain-max_epochs", "brain-batch_size", "images-learning_rate"],
+    [
+        (BRAIN, "max_epochs", "abc"),
+        (BRAIN, "batch_size", '"16"'),
+        (IMAGES, "learning_rate", "fast"),
+        (BRAIN, "device", "tpu"),
+        (IMAGES, "model_name", "bogus"),
+        (BRAIN, "map_kind", "bogus"),
+        (BRAIN, "spacing", "abc"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else v.name,
 )
 def test_bundle_run_with_a_wrong_override_fails_before_data_preparation(
     bundle: Path, key: str, value: str, tmp_path: Path
@@ -207,3 +215,49 @@ def test_check_bundle_settings_names_the_key() -> None:
             assert "\n" not in str(info.value)
     with pytest.raises(TypeError, match="unknown setting"):
         check_bundle_settings(max_epoch=3)
+    more_bad = {
+        "device": ["tpu", "cuda:9", "meta"],
+        "model_name": ["bogus", 3],
+        "recipe": ["bogus"],
+        "recon_loss": ["l1"],
+        "map_kind": ["bogus"],
+        "spacing": [0, -2.0, "abc"],
+    }
+    for key, values in more_bad.items():
+        for value in values:
+            with pytest.raises(AEFlowInputError, match=rf"^{key} "):
+                check_bundle_settings(**{**good, key: value})
+    check_bundle_settings(**good, device="cpu", model_name="ae", recipe="paper", recon_loss="ssim", map_kind="flow")
+    check_bundle_settings(**good, spacing=None, ckpt_dir="/tmp/new/models", log_dir="/tmp/new/logs")
+
+
+def test_bundle_folders_under_a_file_fail_before_data_preparation(tmp_path: Path) -> None:
+    from monai_aeflow.bundle import check_bundle_settings
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for key in ("ckpt_dir", "log_dir"):
+        with pytest.raises(AEFlowInputError, match=rf"^{key} .*afile is a file"):
+            check_bundle_settings(**{key: str(afile / "models")})
+    root = tmp_path / "root"
+    args = ["training", "--config_file", "configs/train.json", "--bundle_root", str(root)]
+    res = _run(BRAIN, [*args, "--ckpt_dir", str(afile / "models"), *OFFLINE])
+    _assert_one_line_error(res, "ckpt_dir")
+    assert not (root / "data").exists() and not (root / "logs").exists()
+
+
+def test_aeflow_refuses_loss_options_it_does_not_take() -> None:
+    from monai_aeflow.models.aeflow import make_loss
+
+    with pytest.raises(AEFlowInputError, match="unknown loss option.*bogus.*aeflow"):
+        make_loss({"loss_options": {"bogus": 1}})
+    make_loss({"loss_options": {}})
+
+
+def test_backbone_weights_words_give_a_random_encoder() -> None:
+    from monai_aeflow.bundle import build_bundle_network
+    from monai_aeflow.models import encoder_weights_of
+
+    for word in ("none", "None", "random"):
+        net = build_bundle_network("aeflow", backbone="resnet18", backbone_weights=word, flow_blocks=2)
+        assert encoder_weights_of(net)["source"] == "random", word

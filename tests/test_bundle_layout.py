@@ -38,6 +38,7 @@ MOVED = {
     "is_synthetic_dataset": "monai_aeflow.data.bundle_datalists",
     "as_flag": "monai_aeflow.data.bundle_datalists",
     "masks_of": "monai_aeflow.data.bundle_datalists",
+    "check_bundle_settings": "monai_aeflow.bundle_settings",
 }
 ALSO_FROM_DATA = (
     "index_isic",
@@ -92,7 +93,6 @@ def test_bundle_keeps_its_own_glue() -> None:
     for name in (
         "AnomalyMapNet",
         "build_bundle_network",
-        "check_bundle_settings",
         "install_error_hook",
         "initialize_flow",
     ):

@@ -166,3 +166,28 @@ def test_multichannel_image_from_several_files(tmp_path):
     c = _save(tmp_path / "t2.nii.gz", np.zeros((3, 3, 3), np.float32))
     with pytest.raises(AEFlowInputError, match="differs from the shape"):
         load_image([a, c])
+
+
+def _nifti(path, data, affine):
+    nib.save(nib.Nifti1Image(np.asarray(data, np.float32), affine), str(path))
+    return str(path)
+
+
+def test_a_mask_of_the_right_shape_on_another_grid_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    image = np.zeros((24, 20, 8), np.float32)
+    image[4:20, 4:16, 1:7] = rng.random((16, 12, 6)) + 1
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    affine[:3, 3] = (-10.0, 5.0, 2.0)
+    shifted = affine.copy()
+    shifted[0, 3] += 50.0  # the same shape, 50 mm away
+    img = _nifti(tmp_path / "img.nii.gz", image, affine)
+    bad = _nifti(tmp_path / "mask_shifted.nii.gz", image > 0, shifted)
+    loader = LoadImageCheckedd(keys=("image", "mask"))
+    with pytest.raises(AEFlowInputError, match="not its grid") as info:
+        loader({"image": img, "mask": bad})
+    assert info.value.path == bad and "50 mm" in str(info.value)
+    # float rounding of an affine written by another tool is the same grid
+    close = _nifti(tmp_path / "mask_close.nii.gz", image > 0, affine + 1e-5)
+    out = loader({"image": img, "mask": close})
+    assert tuple(out["mask"].shape) == tuple(out["image"].shape)

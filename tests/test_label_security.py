@@ -207,6 +207,66 @@ def test_server_removes_uploaded_files_after_a_failed_request(server, tmp_path):
     assert set(tmp.iterdir()) == before
 
 
+def test_server_guards_monai_labels_own_datastore_model_and_batch_routes(server, small_volume_model):
+    """MONAI Label's datastore routes join ids and tags to paths unchecked, its model routes replace or rename the
+    served file, and its batch inference fails on a CPU server: the app guards all of them."""
+    url, srv, record = server["url"], server["server"], server["record"]
+    root = server["tmp"].parent
+    start = len(srv.log_file.read_text(errors="replace"))
+    scan = Path(record["image"]).read_bytes()
+    mask = Path(record["brain_mask"]).read_bytes()
+    for route in ("/datastore/", "/datastore/image"):  # a new image named ../x: outside the studies folder
+        res = requests.put(
+            f"{url}{route}", params={"image": "../evilA"}, files={"file": ("a.nii.gz", scan)}, timeout=60
+        )
+        assert res.status_code == 400 and "image must be a datastore id" in res.json()["detail"], res.text[:300]
+    for query in ({"image": "lesioned", "tag": "../../evil3"}, {"image": "../evilB", "tag": "final"}):
+        res = requests.put(f"{url}/datastore/label", params=query, files={"label": ("l.nii.gz", mask)}, timeout=60)
+        assert res.status_code == 400, res.text[:300]
+    res = requests.delete(f"{url}/datastore/", params={"id": "../studies"}, timeout=60)
+    assert res.status_code == 400, res.text[:300]
+    assert (
+        not (root / "evilA.nii.gz").exists() and not (root / "evil3").exists() and not (root / "evilB.nii.gz").exists()
+    )
+    # what an annotator does still works: save a label of a datastore image and read it back
+    res = requests.put(
+        f"{url}/datastore/label",
+        params={"image": "lesioned", "tag": "audit"},
+        files={"label": ("l.nii.gz", mask)},
+        timeout=60,
+    )
+    assert res.status_code == 200, res.text[:300]
+    res = requests.get(f"{url}/datastore/label", params={"label": "lesioned", "tag": "audit"}, timeout=60)
+    assert res.status_code == 200 and res.content == mask
+    # the served model file is neither replaced nor renamed
+    model = Path(small_volume_model["model"])
+    before = model.read_bytes()
+    res = requests.put(f"{url}/model/aeflow", files={"file": ("m.pt", b"garbage")}, timeout=60)
+    assert res.status_code == 403 and "--conf model" in res.json()["detail"], res.text[:300]
+    assert requests.delete(f"{url}/model/aeflow", timeout=60).status_code == 403
+    assert model.read_bytes() == before
+    res = requests.post(f"{url}/batch/infer/aeflow", params={"images": "all", "run_sync": "true"}, json={}, timeout=60)
+    assert res.status_code == 400 and "POST /infer/<model>" in res.json()["detail"], res.text[:300]
+    assert "Traceback" not in _log_since(srv, start)
+
+
+def test_server_answers_name_no_server_path(server):
+    url, srv = server["url"], server["server"]
+    root = str(server["tmp"].parent)
+    res = _post(url, image="lesioned", params="[" * 100000, timeout=60)  # nested too deeply for json
+    assert res.status_code == 400, res.text[:300]
+    garbage = b"\x1f\x8b\x08\x00 not a volume" * 50
+    res = _post(url, files={"file": ("scan.nii.gz", garbage, "application/octet-stream")}, timeout=120)
+    assert res.status_code == 400 and res.json()["detail"].startswith("the uploaded image: "), res.text[:300]
+    assert root not in res.text and "server_tmp" not in res.text
+    label, result = srv.infer("aeflow", "lesioned", timeout=300)
+    assert label is not None, result
+    assert result["input"] == "lesioned" and result["model"]["model_file"] == "model.pt", result["model"]
+    assert root not in json.dumps(result)
+    info = requests.get(f"{url}/info/", timeout=60).json()
+    assert info["models"]["aeflow"]["model_file"] == "model.pt" and root not in json.dumps(info["models"])
+
+
 def test_server_refuses_an_unknown_model(server):
     res = requests.post(f"{server['url']}/infer/other", params={"image": "lesioned"}, timeout=60)
     assert res.status_code == 404 and "aeflow" in res.json()["detail"]

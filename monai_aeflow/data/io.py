@@ -37,6 +37,7 @@ __all__ = [
     "check_nifti_header",
     "load_image",
     "LoadImageCheckedd",
+    "check_same_grid",
     "check_same_spatial_shape",
     "source_name",
     "find_input_error",
@@ -338,6 +339,41 @@ def check_same_spatial_shape(image: Any, other: Any, other_name: str = "mask") -
         )
 
 
+GRID_TOLERANCE_MM = 0.01
+"""Largest difference between the affines of an image and its mask or label (mm, or the direction cosines
+scaled by the spacing) that still counts as one grid."""
+
+
+def check_same_grid(image: Any, other: Any, other_name: str = "mask") -> None:
+    """Check that a mask or label of the image's shape also lies on its grid (the same affine).
+
+    A mask of the right shape but another affine (shifted, flipped, another spacing) would be applied voxel for
+    voxel to the wrong anatomy.
+
+    Args:
+        image: the image MetaTensor, channel first.
+        other: the mask or label MetaTensor.
+        other_name: what ``other`` is, for the message.
+
+    Raises:
+        AEFlowInputError: naming the mask file when the affines differ by more than :data:`GRID_TOLERANCE_MM`.
+    """
+    a, b = getattr(image, "affine", None), getattr(other, "affine", None)
+    if a is None or b is None:
+        return
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return
+    diff = float(np.abs(a - b).max())
+    if diff > GRID_TOLERANCE_MM:
+        shift = float(np.linalg.norm(a[:-1, -1] - b[:-1, -1]))
+        raise AEFlowInputError(
+            f"{other_name} has the shape of {source_name(image)} but not its grid: the affines differ by up to "
+            f"{diff:.3g} (origins {shift:.3g} mm apart); resample it onto the image",
+            path=source_name(other),
+        )
+
+
 class LoadImageCheckedd(MapTransform, InvertibleTransform):
     """Load the image, brain mask and lesion label of a data dict, reorient them and validate them.
 
@@ -398,6 +434,7 @@ class LoadImageCheckedd(MapTransform, InvertibleTransform):
             for key in self.key_iterator(d):
                 if key != self.image_key and isinstance(d[key], torch.Tensor):
                     check_same_spatial_shape(image, d[key], other_name=str(key))
+                    check_same_grid(image, d[key], other_name=str(key))
         return d
 
     def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

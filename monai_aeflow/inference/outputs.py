@@ -381,11 +381,16 @@ def write_scores_summary(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
         The file written.
 
     Raises:
-        RuntimeError: ``strict`` and at least one input failed (the message lists them).
+        AEFlowInputError: ``strict`` and every failed input failed for a user's reason (a bad file, existing
+            outputs without ``overwrite``): one line that lists them.
+        RuntimeError: ``strict`` and another failure (the message lists them).
     """
     ok = [r for r in rows if r.get("status") == "ok"]
     written = atomic_write_json(path, {"n_inputs": len(rows), "n_ok": len(ok), "inputs": list(rows)})
-    failed = [f"{r.get('input')}: {r.get('error')}" for r in rows if r.get("status") != "ok"]
-    if strict and failed:
-        raise RuntimeError(f"{len(failed)} of {len(rows)} inputs failed: " + "; ".join(failed[:5]))
+    bad = [r for r in rows if r.get("status") != "ok"]
+    if strict and bad:
+        message = f"{len(bad)} of {len(rows)} inputs failed: " + "; ".join(str(r.get("error")) for r in bad[:5])
+        if all(r.get("user_error") for r in bad):
+            raise AEFlowInputError(message)
+        raise RuntimeError(message)
     return written

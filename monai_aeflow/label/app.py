@@ -27,7 +27,13 @@ from monai_aeflow import __version__
 from monai_aeflow.errors import AEFlowInputError, CheckpointError
 from monai_aeflow.label.infer import DICOM_REQUEST_KEY, NO_THRESHOLD_MESSAGE, AEFlowInferTask
 from monai_aeflow.label.levels import LEVEL_NAMES, AEFlowLevelsTask
-from monai_aeflow.label.routes import DICOM_SEG_REQUEST_KEY, InferQueue, install_infer_route, make_infer_endpoint
+from monai_aeflow.label.routes import (
+    DICOM_SEG_REQUEST_KEY,
+    InferQueue,
+    install_infer_route,
+    install_route_guards,
+    make_infer_endpoint,
+)
 from monai_aeflow.label.validation import (
     SERVER_IMAGE_KEY,
     RequestError,
@@ -157,7 +163,13 @@ class AEFlowLabelApp(MONAILabelApp):
                 AEFlowLevelsTask(cfg.model, scorer=self.infer_task.scorer, lock=lock) if cfg.levels else None
             )
         except AEFlowInputError as err:
-            logger.error(f"AE-FLOW app cannot start: {err} (--conf model PATH: a trained .pt file or a bundle folder)")
+            hint = " (--conf model PATH: a trained .pt file or a bundle folder)"
+            hint = hint if isinstance(err, CheckpointError) else ""
+            text = str(err).replace("--device", "--conf device").replace("--batch-size", "--conf batch_size")
+            logger.error(f"AE-FLOW app cannot start: {text}{hint}")
+            if "monailabel.app" in sys.modules:  # in monailabel start_server: this line, not a server traceback
+                logging.shutdown()
+                os._exit(2)
             raise
         self.queue = InferQueue(self.app_config.max_queue)
         scorer = self.infer_task.scorer
@@ -204,13 +216,15 @@ class AEFlowLabelApp(MONAILabelApp):
         return {}
 
     def on_init_complete(self) -> None:
-        """Replace MONAI Label's ``POST /infer/<model>`` route by the app's own (see :mod:`monai_aeflow.label.routes`).
+        """Replace MONAI Label's ``POST /infer/<model>`` route by the app's own and guard its datastore, model and
+        batch routes (see :mod:`monai_aeflow.label.routes`).
 
         Runs when the server has started (``monailabel start_server``); outside a server there is no route.
         """
         super().on_init_complete()
         server = sys.modules.get("monailabel.app")
         if server is not None and hasattr(server, "app"):
+            install_route_guards(server.app)
             install_infer_route(server.app, make_infer_endpoint(self, self.queue))
 
     def info(self) -> dict[str, Any]:
@@ -286,8 +300,12 @@ class AEFlowLabelApp(MONAILabelApp):
         except RequestError as err:
             raise HTTPException(status_code=err.status, detail=err.message) from None
         except AEFlowInputError as err:
-            raise HTTPException(status_code=400, detail=str(err)) from err
+            shown = "the uploaded image" if isinstance(server_image, ServerImage) else f"image {image_id!r}"
+            raise HTTPException(status_code=400, detail=_for_client(err, shown, request.get("image"))) from err
         params = result.get("params") or {}
+        params["input"] = "uploaded image" if isinstance(server_image, ServerImage) else image_id
+        if isinstance(params.get("model"), Mapping):  # the model's identity without the server's folders
+            params["model"] = {**params["model"], "model_file": Path(str(params["model"].get("model_file"))).name}
         map_file = params.pop("anomaly_map_file", None)
         params["anomaly_map"] = None
         dicom_files = {k: params.pop(f"dicom_{k}_file", None) for k in ("seg", "pmap")}
@@ -333,6 +351,23 @@ class AEFlowLabelApp(MONAILabelApp):
         finally:
             remove_file(map_file)
         return result
+
+
+# command-line hints of the scorer's messages, which a client of the server cannot follow
+_CLI_HINTS = (
+    (" (a corrupt header? raise the limit with --max-voxels)", " (a corrupt header? the server's limit)"),
+    (" (use --accept-irregular-series to score it as loaded)", ""),
+)
+
+
+def _for_client(err: AEFlowInputError, shown: str, *paths: Any) -> str:
+    """The message of a refused input for the client: server paths replaced by what the client named."""
+    text = str(err)
+    for path in sorted({str(p) for p in (err.path, *paths) if p}, key=len, reverse=True):
+        text = text.replace(path, shown)
+    for hint, replacement in _CLI_HINTS:
+        text = text.replace(hint, replacement)
+    return text
 
 
 def _is_dicomweb(store: Any) -> bool:

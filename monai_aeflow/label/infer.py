@@ -117,11 +117,11 @@ class AEFlowInferTask(BasicInferTask):
         self._config = {"device": [str(self.scorer.device)]}
 
     def info(self) -> dict[str, Any]:
-        """Task description for ``/info/``: MONAI Label's fields plus the model file and threshold."""
+        """Task description for ``/info/``: MONAI Label's fields plus the model file's name and the threshold."""
         info = super().info()
         info.update(
             {
-                "model_file": str(self.scorer.model_path),
+                "model_file": self.scorer.model_path.name,  # not the server's folders
                 "model_name": self.scorer.model_name,
                 "threshold": self.scorer.threshold,
                 "threshold_source": self.scorer.threshold_source,

@@ -16,6 +16,8 @@ route of the running server with :func:`make_infer_endpoint`'s, which:
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import os
 import queue
@@ -23,22 +25,30 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from fastapi import BackgroundTasks, Depends, FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.routing import APIRoute
 from monailabel.config import settings
 from monailabel.endpoints.infer import ResultType, send_response
 from monailabel.endpoints.user.auth import RBAC, User
 
-from monai_aeflow.label.validation import SERVER_IMAGE_KEY, RequestError, ServerImage, parse_params
+from monai_aeflow.label.validation import (
+    SERVER_IMAGE_KEY,
+    RequestError,
+    ServerImage,
+    is_safe_id,
+    is_safe_tag,
+    parse_params,
+)
 
 DICOM_SEG_REQUEST_KEY = "aeflow_dicom_seg_output"
 """Request key set here for ``output=dicom_seg`` (never taken from a client's ``params``)."""
 
-__all__ = ["InferQueue", "QueueFull", "install_infer_route", "make_infer_endpoint"]
+__all__ = ["InferQueue", "QueueFull", "install_infer_route", "install_route_guards", "make_infer_endpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -233,3 +243,108 @@ def install_infer_route(server: FastAPI, endpoint: Callable[..., Any]) -> None:
     routes.insert(0, routes.pop())
     server.openapi_schema = None
     logger.info(f"AE-FLOW app serves POST {path} (datastore ids only, inference off the event loop)")
+
+
+_ID_CHECKS: dict[str, Callable[[Any], bool]] = {"image": is_safe_id, "id": is_safe_id, "label": is_safe_id}
+_ID_CHECKS["tag"] = is_safe_tag
+
+_REFUSED: tuple[tuple[str, str, int, str], ...] = (
+    # (method, path under the API prefix, status, answer)
+    ("PUT", "/model/{model}", 403, "the AE-FLOW app serves the model file it was started with (--conf model); it "
+     "is not replaced over HTTP"),
+    ("DELETE", "/model/{model}", 403, "the AE-FLOW app serves the model file it was started with (--conf model); "
+     "it is not removed over HTTP"),
+    ("POST", "/batch/infer/{model}", 400, "batch inference is not served by the AE-FLOW app: POST /infer/<model> "
+     "for each image (aeflow-cli score scores folders)"),
+)  # fmt: skip
+
+
+def _checked(endpoint: Callable[..., Any], names: set[str]) -> Callable[..., Any]:
+    """``endpoint`` answering 400 when one of its ``names`` parameters is not a datastore id / label tag."""
+
+    @functools.wraps(endpoint)  # FastAPI reads the parameters of the wrapped endpoint
+    async def checked(*args: Any, **kwargs: Any) -> Any:
+        for name in sorted(names):
+            value = kwargs.get(name)
+            if isinstance(value, str) and value and not _ID_CHECKS[name](value):  # (``label`` may be the file)
+                kind = "label tag" if name == "tag" else "datastore id"
+                raise HTTPException(
+                    status_code=400,
+                    detail=f"{name} must be a {kind} (no path separators, not '.' or '..'), got {str(value)[:64]!r}",
+                )
+        result = endpoint(*args, **kwargs)
+        return await result if inspect.isawaitable(result) else result
+
+    return checked
+
+
+def _refusal(status: int, detail: str) -> Callable[..., Any]:
+    async def refuse(model: str) -> None:
+        raise HTTPException(status_code=status, detail=detail)
+
+    return refuse
+
+
+def _api_routes(server: FastAPI) -> Iterator[tuple[str, APIRoute]]:
+    """Every endpoint route of the server with the prefix it is served under (FastAPI flattens included routers
+    into the application's routes, or keeps each as one entry holding its router and prefix)."""
+    for entry in server.router.routes:
+        if isinstance(entry, APIRoute):
+            yield "", entry
+            continue
+        sub = getattr(entry, "original_router", None) or getattr(entry, "router", None)
+        if sub is None or not hasattr(sub, "routes"):
+            continue
+        context = getattr(entry, "include_context", None)
+        prefix = str(getattr(context, "prefix", None) or getattr(entry, "prefix", None) or "")
+        for route in sub.routes:
+            if isinstance(route, APIRoute):
+                yield prefix, route
+
+
+def _to_front(server: FastAPI) -> None:
+    routes = server.router.routes
+    routes.insert(0, routes.pop())
+
+
+def install_route_guards(server: FastAPI) -> list[str]:
+    """Guard the routes of MONAI Label that the app does not replace.
+
+    MONAI Label 0.8.5 joins the client's ``image``, ``id``, ``label`` and ``tag`` to datastore paths unchecked
+    (``PUT /datastore/?image=../x`` writes outside the studies folder, ``tag=../../x`` too), lets any client
+    replace or rename the served model file (``PUT`` / ``DELETE /model/<name>``), and answers batch inference on a
+    CPU server with a 500. Every ``/datastore`` route with such a parameter gets a copy that answers 400 for a value
+    that is not an id or a tag (then runs MONAI Label's endpoint); the model upload and removal answer 403 and
+    batch inference 400.
+
+    Args:
+        server: MONAI Label's FastAPI application (``monailabel.app.app``).
+
+    Returns:
+        The guarded routes, as ``"METHOD path"``.
+    """
+    api = settings.MONAI_LABEL_API_STR
+    done = []
+    for prefix, route in list(_api_routes(server)):
+        path = prefix + route.path
+        if not path.startswith(f"{api}/datastore"):
+            continue
+        names = set(inspect.signature(route.endpoint).parameters) & set(_ID_CHECKS)
+        if not names:
+            continue
+        server.add_api_route(
+            path,
+            _checked(route.endpoint, names),
+            methods=sorted(route.methods),
+            summary=route.summary,
+            include_in_schema=route.include_in_schema,
+        )
+        _to_front(server)
+        done += [f"{m} {path}" for m in sorted(route.methods)]
+    for method, path, status, detail in _REFUSED:
+        server.add_api_route(f"{api}{path}", _refusal(status, detail), methods=[method], include_in_schema=False)
+        _to_front(server)
+        done.append(f"{method} {api}{path}")
+    server.openapi_schema = None
+    logger.info(f"AE-FLOW app guards {len(done)} MONAI Label routes (ids and tags checked; model upload refused)")
+    return done

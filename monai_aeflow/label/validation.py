@@ -172,6 +172,8 @@ def parse_params(text: str | bytes | None) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         where = f"line {err.lineno} column {err.colno}"
         raise RequestError(400, f"params is not valid JSON: {err.msg} at {where}") from None
+    except RecursionError:  # thousands of nested brackets
+        raise RequestError(400, "params is nested too deeply: expected a flat JSON object of options") from None
     if not isinstance(value, dict):
         kind = "null" if value is None else type(value).__name__
         raise RequestError(400, f"params must be a JSON object, not {kind}")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from monai_aeflow.losses import AEFlowLoss
+from monai_aeflow.models.common import loss_options
 from monai_aeflow.models.spec import ModelSpec
 from monai_aeflow.networks.aeflow import AEFlow
 from monai_aeflow.scores import DEFAULT_MAP_KIND, anomaly_map, combined_score, flow_score, recon_score
@@ -92,11 +93,12 @@ def make_loss(training: Mapping[str, Any]) -> nn.Module:
 
     Args:
         training: ``recipe`` (a name of :data:`RECIPES`, default :data:`DEFAULT_RECIPE`), ``alpha`` (flow weight;
-            None or absent: the recipe's) and ``recon_loss`` (``mse`` or ``ssim``).
+            None or absent: the recipe's) and ``recon_loss`` (``mse`` or ``ssim``); ``loss_options`` must be empty.
 
     Returns:
         An :class:`AEFlowLoss`.
     """
+    loss_options(training, {}, "aeflow")  # its settings are recipe, alpha and recon_loss: no loss options
     alpha = recipe_alpha(training.get("recipe"), training.get("alpha"))
     return AEFlowLoss(alpha, str(training.get("recon_loss", "mse")))
 

@@ -261,3 +261,17 @@ def test_backbone_weights_words_give_a_random_encoder() -> None:
     for word in ("none", "None", "random"):
         net = build_bundle_network("aeflow", backbone="resnet18", backbone_weights=word, flow_blocks=2)
         assert encoder_weights_of(net)["source"] == "random", word
+
+
+def test_scores_summary_of_user_mistakes_is_a_one_line_input_error(tmp_path: Path) -> None:
+    from monai_aeflow.inference.outputs import write_scores_summary
+
+    mine = {"input": "a.nii.gz", "status": "error", "error": "a_scores.json: output exists", "user_error": True}
+    ok = {"input": "b.nii.gz", "status": "ok", "error": None}
+    with pytest.raises(AEFlowInputError, match="1 of 2 inputs failed: a_scores.json: output exists"):
+        write_scores_summary([mine, ok], tmp_path / "s.json")
+    crash = {"input": "c.nii.gz", "status": "error", "error": "RuntimeError: boom", "user_error": False}
+    with pytest.raises(RuntimeError, match="2 of 3 inputs failed") as info:
+        write_scores_summary([mine, ok, crash], tmp_path / "s.json")
+    assert not isinstance(info.value, AEFlowInputError)
+    assert write_scores_summary([ok], tmp_path / "s.json").is_file()

@@ -8,7 +8,6 @@ run with one line naming the key, instead of a traceback after the data were pre
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 
 from monai_aeflow.data.bundle_datalists import as_flag, check_dataset_dir
 from monai_aeflow.errors import AEFlowInputError
+from monai_aeflow.fileio import blocking_ancestor
 from monai_aeflow.models import get_model_spec
 
 __all__ = ["check_bundle_settings"]
@@ -104,11 +104,14 @@ def _spacing_rule(v: Any) -> str | None:
 
 def _folder_rule(v: Any) -> str | None:
     """A folder that exists or can be created: its first existing ancestor is a writable folder."""
-    path = Path(str(v)).expanduser().absolute()
-    ancestor = next(p for p in (path, *path.parents) if p.exists())
-    if not ancestor.is_dir():
-        return f"cannot be a folder: {ancestor} is a file"
-    return None if os.access(ancestor, os.W_OK | os.X_OK) else f"cannot be created: {ancestor} is not writable"
+    blocked = blocking_ancestor(Path(str(v)).expanduser())
+    if blocked is None:
+        return None
+    return (
+        f"cannot be a folder: {blocked[0]} is a file"
+        if blocked[1] == "file"
+        else f"cannot be created: {blocked[0]} is not writable"
+    )
 
 
 def _fractions_rule(v: Any) -> str | None:

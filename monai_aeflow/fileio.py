@@ -22,6 +22,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_text",
     "atomic_write_json",
+    "blocking_ancestor",
     "current_umask",
     "gzip_bytes",
     "make_folder",
@@ -53,6 +54,26 @@ def current_umask() -> int:
         mask = os.umask(0o022)
         os.umask(mask)
     return mask
+
+
+def blocking_ancestor(path: str | os.PathLike) -> tuple[Path, str] | None:
+    """What keeps ``path`` from being (or becoming) a writable folder, found without writing anything.
+
+    Args:
+        path: a folder that may not exist yet.
+
+    Returns:
+        ``(the path or its first existing ancestor, "file" or "unwritable")``, or None when the folder exists and is
+        writable or can be created.
+    """
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return probe, "file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return probe, "unwritable"
+    return None
 
 
 def make_folder(path: str | os.PathLike) -> Path:

@@ -104,8 +104,9 @@ def test_compare_and_demo_refuse_a_negative_learning_rate_before_any_work(tmp_pa
 
 
 def test_train_refuses_a_negative_spacing(tmp_path):
-    out = tmp_path / "run"
-    line = _error_line(["train", "--model", "intensity", *TINY, "--spacing", "-2", "--out", out])
+    out, data = tmp_path / "run", tmp_path / "dataset"
+    data.mkdir()
+    line = _error_line(["train", "--model", "intensity", "--data", data, "--spacing", "-2", "--out", out])
     assert "--spacing" in line and "-2" in line, line
     assert not out.exists()
 

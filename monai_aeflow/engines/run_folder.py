@@ -15,6 +15,7 @@ from typing import Any
 from monai_aeflow.checkpoint import read_checkpoint
 from monai_aeflow.engines.handlers import ResumableCheckpointSaver
 from monai_aeflow.errors import AEFlowInputError, CheckpointError
+from monai_aeflow.fileio import blocking_ancestor
 
 __all__ = [
     "MODEL_FILE",
@@ -138,14 +139,12 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False, exi
         AEFlowInputError: the folder cannot be created or written, or it holds a run and ``overwrite`` is False.
     """
     out = Path(output_dir)
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        what = "it is a file" if probe == out else f"{probe} is not a folder"
+    blocked = blocking_ancestor(out)
+    if blocked is not None and blocked[1] == "file":
+        what = "it is a file" if blocked[0] == out else f"{blocked[0]} is not a folder"
         raise AEFlowInputError(f"cannot create the output folder ({what})", path=out)
-    if not os.access(probe, os.W_OK | os.X_OK):
-        what = "is not writable" if probe == out else f"cannot be created ({probe} is not writable)"
+    if blocked is not None:
+        what = "is not writable" if blocked[0] == out else f"cannot be created ({blocked[0]} is not writable)"
         raise AEFlowInputError(f"the output folder {what}", path=out)
     if overwrite or existing_run_ok:
         return

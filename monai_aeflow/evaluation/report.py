@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 
 from monai_aeflow.evaluation.io import atomic_write, atomic_write_json, atomic_write_text
 from monai_aeflow.evaluation.pipeline import result_to_json
-from monai_aeflow.fileio import make_folder
+from monai_aeflow.fileio import blocking_ancestor, make_folder
 
 __all__ = [
     "REPORT_FILES",
@@ -75,10 +75,10 @@ def check_report_folder(output_dir: str | os.PathLike, overwrite: bool = False) 
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise AEFlowInputError("output folder expected, found a file", path=out)
-    ancestor = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        why = "is a file" if not ancestor.is_dir() else "is not writable"
-        raise AEFlowInputError(f"output folder cannot be created: {ancestor} {why}", path=out)
+    blocked = blocking_ancestor(out)
+    if blocked is not None:
+        why = "is a file" if blocked[1] == "file" else "is not writable"
+        raise AEFlowInputError(f"output folder cannot be created: {blocked[0]} {why}", path=out)
     existing = [out / name for name in REPORT_FILES if (out / name).exists()]
     if existing and not overwrite:
         raise AEFlowInputError(

@@ -35,6 +35,7 @@ from fastapi.routing import APIRoute
 from monailabel.config import settings
 from monailabel.endpoints.infer import ResultType, send_response
 from monailabel.endpoints.user.auth import RBAC, User
+from starlette.concurrency import run_in_threadpool
 
 from monai_aeflow.label.validation import (
     SERVER_IMAGE_KEY,
@@ -272,8 +273,9 @@ def _checked(endpoint: Callable[..., Any], names: set[str]) -> Callable[..., Any
                     status_code=400,
                     detail=f"{name} must be a {kind} (no path separators, not '.' or '..'), got {str(value)[:64]!r}",
                 )
-        result = endpoint(*args, **kwargs)
-        return await result if inspect.isawaitable(result) else result
+        if inspect.iscoroutinefunction(endpoint):
+            return await endpoint(*args, **kwargs)
+        return await run_in_threadpool(endpoint, *args, **kwargs)  # as FastAPI runs a plain endpoint
 
     return checked
 

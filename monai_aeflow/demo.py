@@ -9,7 +9,6 @@ test subjects, beside AE-FLOW.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from monai_aeflow.data.datalists import DataConfig, SyntheticCohortConfig, prepa
 from monai_aeflow.data.slices import SliceDataset, select_slices
 from monai_aeflow.engines.metrics import ReconstructionQuality
 from monai_aeflow.engines.run import train_model
+from monai_aeflow.engines.run_folder import remove_unused_folders
 from monai_aeflow.engines.workflow import (
     check_optimizer_settings,
     clear_previous_run,
@@ -208,8 +208,8 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
         raise AEFlowInputError(f"in-plane shape {tuple(cfg.shape[:2])} must be multiples of 16")
     check_optimizer_settings(cfg.lr, 0.0)
     device = resolve_device(cfg.device)
-    previous = [p for p in (model_dir / "model.pt", res_dir / "metrics.json") if p.exists()]
-    previous += previous_run_files(model_dir)
+    metrics = res_dir / "metrics.json"
+    previous = previous_run_files(model_dir) + ([metrics] if metrics.exists() else [])
     if previous and not cfg.overwrite:
         raise AEFlowInputError(
             f"holds a previous demo run ({previous[0].relative_to(out)}); use --overwrite to replace it", path=out
@@ -221,11 +221,7 @@ def run_demo(cfg: DemoConfig, say: Callable[[str], None] = print) -> dict[str, A
     try:
         return _run(cfg, say, t0, device)
     except AEFlowInputError:  # e.g. encoder weights that cannot be loaded: leave nothing behind
-        if not (model_dir / "model.pt").exists():
-            for folder in created:
-                if folder.is_dir():
-                    shutil.rmtree(folder, ignore_errors=True)
-                    break
+        remove_unused_folders(model_dir, created)
         raise
 
 

@@ -69,13 +69,12 @@ def _run(
     from monai_aeflow.data.io import file_kind
     from monai_aeflow.errors import AEFlowInputError
     from monai_aeflow.fileio import atomic_write_text
-    from monai_aeflow.inference.batch import expand_inputs, score_paths
+    from monai_aeflow.inference.batch import check_resume, expand_inputs, score_paths
     from monai_aeflow.inference.distributed import agree, finish, gather_rows, init_sharding, shard
     from monai_aeflow.inference.outputs import lock_output_folder, remove_leftovers
     from monai_aeflow.inference.scorer import AnomalyScorer
 
-    if resume and overwrite:
-        raise AEFlowInputError("--resume keeps existing outputs and --overwrite replaces them: give one of them")
+    check_resume(resume, overwrite)  # before the output folder is locked
     inputs = expand_inputs(paths)
     if mask is not None and len(inputs) != 1:
         raise AEFlowInputError(f"--mask applies to one input, but {len(inputs)} inputs were given")

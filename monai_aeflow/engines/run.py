@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torch import nn
 from monai_aeflow.checkpoint import save_model
 from monai_aeflow.data.datalists import DataConfig, prepare_data
 from monai_aeflow.data.slices import SliceDataset
+from monai_aeflow.engines.run_folder import remove_unused_folders
 from monai_aeflow.engines.workflow import (
     MODEL_FILE,
     TrainingConfig,
@@ -28,7 +28,6 @@ from monai_aeflow.engines.workflow import (
     check_output_dir,
     clear_previous_run,
     open_resume_checkpoint,
-    previous_run_files,
     resolve_device,
     train,
 )
@@ -138,16 +137,6 @@ def parse_assignments(items: Sequence[str], nested: bool = False) -> dict[str, A
         else:
             out[key] = value
     return out
-
-
-def _remove_unused(output_dir: str | Path, created: list[Path]) -> None:
-    """Remove the folders this call created (the run folder, its ``data/``) when no model or checkpoint was written."""
-    if previous_run_files(output_dir):
-        return
-    for folder in created:  # the run folder first: it holds the other
-        if folder.is_dir():
-            shutil.rmtree(folder, ignore_errors=True)
-            return
 
 
 def run_training(
@@ -282,5 +271,5 @@ def run_training(
         )
         return summary
     except AEFlowInputError:  # a user mistake found after the data were prepared: leave nothing behind
-        _remove_unused(output_dir, created)
+        remove_unused_folders(output_dir, created)
         raise

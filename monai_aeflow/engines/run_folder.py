@@ -8,7 +8,8 @@ and check the checkpoint a run resumes from; :func:`clear_previous_run` removes 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "check_output_dir",
     "previous_run_files",
     "clear_previous_run",
+    "remove_unused_folders",
 ]
 
 MODEL_FILE = "model.pt"
@@ -155,6 +157,22 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False, exi
             f"to replace it, --resume {out} to continue it, or another --out",
             path=out,
         )
+
+
+def remove_unused_folders(output_dir: str | os.PathLike, created: Sequence[Path]) -> None:
+    """After a failed run, remove the folders it created when it wrote no model or checkpoint.
+
+    Args:
+        output_dir: the run folder (its model file and checkpoints, see :func:`previous_run_files`).
+        created: folders that did not exist before the run, outermost first; the first that exists is removed
+            (with what it holds).
+    """
+    if previous_run_files(output_dir):
+        return
+    for folder in created:
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            return
 
 
 def clear_previous_run(output_dir: str | os.PathLike) -> list[Path]:

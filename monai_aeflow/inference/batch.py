@@ -29,7 +29,7 @@ from monai_aeflow.inference.result import ScoreResult
 from monai_aeflow.inference.scorer import AnomalyScorer
 from monai_aeflow.inference.writer import BackgroundWriter
 
-__all__ = ["expand_inputs", "score_paths"]
+__all__ = ["check_resume", "expand_inputs", "score_paths"]
 
 
 ACCELERATOR_WRITE_THREADS = 4
@@ -96,6 +96,20 @@ def _supported(path: Path) -> bool:
         return False
 
 
+def check_resume(resume: bool, overwrite: bool) -> None:
+    """Refuse ``resume`` (keep existing outputs) together with ``overwrite`` (replace them).
+
+    Args:
+        resume: keep the complete outputs of an earlier run.
+        overwrite: replace existing outputs.
+
+    Raises:
+        AEFlowInputError: both are asked for.
+    """
+    if resume and overwrite:
+        raise AEFlowInputError("--resume keeps existing outputs and --overwrite replaces them: give one of them")
+
+
 def score_paths(
     scorer: AnomalyScorer,
     inputs: Sequence[str | os.PathLike],
@@ -154,8 +168,7 @@ def score_paths(
         AEFlowInputError: two inputs share an output name, the output folder is not writable or in use, or both
             ``resume`` and ``overwrite`` are asked for.
     """
-    if resume and overwrite:
-        raise AEFlowInputError("--resume keeps existing outputs and --overwrite replaces them: give one of them")
+    check_resume(resume, overwrite)
     masks = dict(masks or {})
     names: dict[str, str] = {}
     for p in inputs:
